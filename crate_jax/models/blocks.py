@@ -1,0 +1,201 @@
+"""The blocks: MSSA, ISTA (CRATE), ODL (CRATE-α), and the ViT MHSA/MLP for comparison.
+
+Row convention: a token is a row vector, a sequence Z ∈ R^{N×d}; tensors are (B, N, d).
+Each block applies its own pre-norm LayerNorm (DESIGN.md §1) and returns only its branch;
+the layers in `encoder.py` add residuals, DropPath and LayerScale.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from crate_jax.models.layers import Dense, LayerNorm, normal, param, zeros
+
+kaiming_uniform = jax.nn.initializers.kaiming_uniform
+
+
+def attend(w_q: jax.Array, w_k: jax.Array, w_v: jax.Array, *, key_mask: jax.Array | None,
+           is_causal: bool, implementation: str | None, return_weights: bool):
+    """softmax(q kᵀ/√p) v per head, for (B, N, K, p) inputs.
+
+    Without `return_weights` this is `jax.nn.dot_product_attention`, which picks the cuDNN
+    flash kernel on GPU when `implementation='cudnn'`; the explicit softmax below runs only
+    when the attention maps themselves are wanted.
+    """
+    if not return_weights:
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = jax.nn.dot_product_attention(w_q, w_k, w_v, mask=mask, is_causal=is_causal,
+                                           implementation=implementation)
+        return out, None
+    scale = w_q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", w_q, w_k, preferred_element_type=jnp.float32) * scale
+    valid = jnp.ones(logits.shape[-2:], bool)
+    if is_causal:
+        valid = jnp.tril(valid)
+    valid = valid[None, None]
+    if key_mask is not None:
+        valid = valid & key_mask[:, None, None, :]
+    logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(w_v.dtype), w_v)
+    return out, weights
+
+
+class MSSA(nnx.Module):
+    """Multi-head subspace self-attention (the compression step).
+
+        W   = LN(Z) · U                     U ∈ R^{d×K×p}, no bias; heads W_k ∈ R^{N×p}
+        A_k = softmax(W_k W_kᵀ / √p)        query = key = value = W_k
+        O   = concat_k(A_k W_k) · U_out (+ b_out)
+
+    CRATE has the output bias b_out, CRATE-α does not. The layer adds the residual Z + O.
+    Returns (O, attention maps (B, K, N, N) or None).
+    """
+
+    def __init__(self, width: int, heads: int, *, out_bias: bool, eps: float,
+                 attention_impl: str | None, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        head_dim = width // heads
+        self.dtype = dtype
+        self.attention_impl = attention_impl
+        self.norm = LayerNorm(width, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        init = jax.nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+        self.proj = param(rngs, init, (width, heads, head_dim), ("embed", "heads", "kv"),
+                          param_dtype)
+        out_init = jax.nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+        self.out = param(rngs, out_init, (heads, head_dim, width), ("heads", "kv", "embed"),
+                         param_dtype)
+        self.out_bias = (param(rngs, zeros, (width,), ("embed",), param_dtype)
+                         if out_bias else None)
+
+    def project(self, z: jax.Array) -> jax.Array:
+        """W = LN(Z)·U as (B, N, K, p): the subspace coordinates the coding rate is measured on."""
+        return jnp.einsum("bnd,dhk->bnhk", self.norm(z), self.proj[...].astype(self.dtype))
+
+    def __call__(self, z: jax.Array, *, key_mask: jax.Array | None = None,
+                 is_causal: bool = False, return_attention: bool = False):
+        w = self.project(z)
+        heads_out, attn = attend(w, w, w, key_mask=key_mask, is_causal=is_causal,
+                                 implementation=self.attention_impl,
+                                 return_weights=return_attention)
+        o = jnp.einsum("bnhk,hkd->bnd", heads_out, self.out[...].astype(self.dtype))
+        if self.out_bias is not None:
+            o = o + self.out_bias[...].astype(self.dtype)
+        return o, attn
+
+
+class ISTA(nnx.Module):
+    """CRATE's sparse coding step: one ISTA step from X towards a non-negative sparse code.
+
+        X  = LN(Z½)
+        Z' = ReLU( X + η·(X·W − X·Wᵀ·W) − η·λ )
+           = ReLU( X·M − η·λ ),   M = I + η·(W − Wᵀ·W)
+
+    The second form costs one d×d matmul per token instead of three (M costs 2d³ FLOPs once
+    per step); gradients reach W through M. There is no skip connection around ISTA: its
+    output replaces the tokens. Returns Z'.
+    """
+
+    def __init__(self, width: int, *, eta: float, lam: float, eps: float, dtype: jnp.dtype,
+                 param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.eta, self.lam, self.dtype = eta, lam, dtype
+        self.norm = LayerNorm(width, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # PyTorch's kaiming_uniform_ on a (d, d) parameter, as the reference initialises W.
+        self.weight = param(rngs, kaiming_uniform(in_axis=1, out_axis=0), (width, width),
+                            ("embed", "mlp"), param_dtype)
+
+    def step_matrix(self) -> jax.Array:
+        """M = I + η(W − WᵀW), formed in fp32."""
+        w = self.weight[...].astype(jnp.float32)
+        return jnp.eye(w.shape[0], dtype=jnp.float32) + self.eta * (w - w.T @ w)
+
+    def __call__(self, z_half: jax.Array) -> jax.Array:
+        x = self.norm(z_half)
+        m = self.step_matrix().astype(self.dtype)
+        return jax.nn.relu(x @ m - self.eta * self.lam)
+
+
+class ODL(nnx.Module):
+    """CRATE-α's overcomplete dictionary learning block: unrolled ISTA on the LASSO
+    min_A ½‖X − A·Dᵀ‖² + λ‖A‖₁, A ≥ 0, started at A₀ = 0, then decoded with D1.
+
+        X       = LN(Z½)
+        A₁      = ReLU(η·X·D − η·λ)
+        A_{k+1} = ReLU(A_k − η·(A_k·Dᵀ − X)·D − η·λ)       for k = 1 … steps−1
+        O       = A_steps · D1ᵀ                            (the layer adds Z½ + O)
+
+    D, D1 ∈ R^{d×C·d}, C the overcomplete ratio. Returns (O, A_steps), A_steps the sparse code.
+    """
+
+    def __init__(self, width: int, *, ratio: int, steps: int, eta: float, lam: float,
+                 eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.eta, self.lam, self.steps, self.dtype = eta, lam, steps, dtype
+        self.norm = LayerNorm(width, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        shape, axes = (width, ratio * width), ("embed", "mlp")
+        self.D = param(rngs, kaiming_uniform(), shape, axes, param_dtype)
+        self.D1 = param(rngs, kaiming_uniform(), shape, axes, param_dtype)
+
+    def __call__(self, z_half: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = self.norm(z_half)
+        d = self.D[...].astype(self.dtype)
+        shrink = self.eta * self.lam
+        code = jax.nn.relu(self.eta * (x @ d) - shrink)
+        for _ in range(self.steps - 1):
+            code = jax.nn.relu(code - self.eta * ((code @ d.T - x) @ d) - shrink)
+        return code @ self.D1[...].astype(self.dtype).T, code
+
+
+class MHSA(nnx.Module):
+    """ViT multi-head self-attention: O = concat_k softmax(Q_k K_kᵀ/√p) V_k · W_o + b_o,
+    with Q, K, V = LN(Z)·W_{q,k,v} + b. Returns (O, attention maps or None)."""
+
+    def __init__(self, width: int, heads: int, *, eps: float, attention_impl: str | None,
+                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        head_dim = width // heads
+        self.dtype = dtype
+        self.attention_impl = attention_impl
+        self.norm = LayerNorm(width, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        in_init = jax.nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+        for name in ("query", "key", "value"):
+            setattr(self, name, param(rngs, in_init, (width, heads, head_dim),
+                                      ("embed", "heads", "kv"), param_dtype))
+            setattr(self, name + "_bias", param(rngs, zeros, (heads, head_dim),
+                                                ("heads", "kv"), param_dtype))
+        out_init = jax.nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+        self.out = param(rngs, out_init, (heads, head_dim, width), ("heads", "kv", "embed"),
+                         param_dtype)
+        self.out_bias = param(rngs, zeros, (width,), ("embed",), param_dtype)
+
+    def _project(self, x: jax.Array, name: str) -> jax.Array:
+        kernel = getattr(self, name)[...].astype(self.dtype)
+        return (jnp.einsum("bnd,dhk->bnhk", x, kernel)
+                + getattr(self, name + "_bias")[...].astype(self.dtype))
+
+    def __call__(self, z: jax.Array, *, key_mask: jax.Array | None = None,
+                 is_causal: bool = False, return_attention: bool = False):
+        x = self.norm(z)
+        q, k, v = (self._project(x, n) for n in ("query", "key", "value"))
+        heads_out, attn = attend(q, k, v, key_mask=key_mask, is_causal=is_causal,
+                                 implementation=self.attention_impl,
+                                 return_weights=return_attention)
+        o = jnp.einsum("bnhk,hkd->bnd", heads_out, self.out[...].astype(self.dtype))
+        return o + self.out_bias[...].astype(self.dtype), attn
+
+
+class MLP(nnx.Module):
+    """ViT MLP: O = GELU(LN(Z)·W₁ + b₁)·W₂ + b₂. Returns (O, hidden activations)."""
+
+    def __init__(self, width: int, hidden: int, *, eps: float, dtype: jnp.dtype,
+                 param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.norm = LayerNorm(width, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(kernel_init=jax.nn.initializers.xavier_uniform(), bias_init=normal(1e-6),
+                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = Dense(width, hidden, axes=("embed", "mlp"), **kw)
+        self.fc2 = Dense(hidden, width, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+        hidden = jax.nn.gelu(self.fc1(self.norm(z)), approximate=False)
+        return self.fc2(hidden), hidden

@@ -1,0 +1,157 @@
+"""Model configurations: frozen dataclasses that validate themselves.
+
+A bad value raises ValueError naming the field, at construction, before any parameter exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+BLOCKS = ("crate", "crate_alpha", "vit")
+REMAT_POLICIES = ("none", "dots", "full")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{field}: {message}")
+
+
+def _check_choice(value, field: str, choices) -> None:
+    _check(value in choices, field, f"must be one of {list(choices)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TowerConfig:
+    """What every token encoder shares: the layer stack and its numerics.
+
+    block: 'crate' (MSSA + ISTA), 'crate_alpha' (MSSA + ODL) or 'vit' (MHSA + MLP).
+    """
+
+    block: str
+    width: int
+    depth: int
+    heads: int
+    mlp_dim: int | None = None  # ViT MLP width; None = 4·width
+    eta: float = 0.1  # ISTA / ODL step size η
+    lam: float = 0.1  # sparsity penalty λ
+    overcomplete_ratio: int = 4  # ODL dictionary size C (D ∈ R^{d×C·d})
+    ista_steps: int = 2  # ODL unrolled ISTA steps
+    layer_norm_eps: float | None = None  # None: 1e-5 for CRATE, 1e-6 otherwise (DESIGN §1)
+    drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this at the last layer
+    layer_scale_init: float | None = None  # None: no LayerScale
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # storage dtype of the parameters
+    attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
+    remat: str = "none"  # rematerialise each layer: 'none', 'dots' (save matmuls), 'full'
+
+    def __post_init__(self):
+        _check_choice(self.block, "block", BLOCKS)
+        for name in ("width", "depth", "heads"):
+            _check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _check(self.width % self.heads == 0, "width",
+               f"width={self.width} is not divisible by heads={self.heads}")
+        _check(self.overcomplete_ratio >= 1, "overcomplete_ratio",
+               f"must be ≥ 1, got {self.overcomplete_ratio}")
+        _check(self.ista_steps >= 1, "ista_steps", f"must be ≥ 1, got {self.ista_steps}")
+        _check(self.eta > 0, "eta", f"must be positive, got {self.eta}")
+        _check(self.lam >= 0, "lam", f"must be non-negative, got {self.lam}")
+        _check(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate",
+               f"must be in [0, 1), got {self.drop_path_rate}")
+        _check_choice(self.dtype, "dtype", DTYPES)
+        _check_choice(self.param_dtype, "param_dtype", DTYPES)
+        _check_choice(self.attention_impl, "attention_impl", ATTENTION_IMPLS)
+        _check_choice(self.remat, "remat", REMAT_POLICIES)
+
+    @property
+    def eps(self) -> float:
+        if self.layer_norm_eps is not None:
+            return self.layer_norm_eps
+        return 1e-5 if self.block == "crate" else 1e-6
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mlp_dim or 4 * self.width
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def storage_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VisionConfig(TowerConfig):
+    """An image classifier or image encoder (num_classes=0: pooled features, no head)."""
+
+    patch_size: int
+    image_size: int = 224
+    channels: int = 3
+    num_classes: int = 1000
+    pool: str = "cls"  # 'cls' token, or 'gap'/'mean': mean of the tokens
+    posemb: str = "learn"  # 'learn' or 'sincos2d' (CRATE always learns its embedding)
+    stem_bias: bool = True  # bias of the convolutional stem (CRATE-α, ViT)
+    head_norm_eps: float | None = None  # final LayerNorm eps; None = layer_norm_eps
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.patch_size > 0, "patch_size", f"must be positive, got {self.patch_size}")
+        _check(self.image_size % self.patch_size == 0, "image_size",
+               f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
+        _check(self.num_classes >= 0, "num_classes", f"must be ≥ 0, got {self.num_classes}")
+        _check_choice(self.pool, "pool", ("cls", "gap", "mean"))
+        _check_choice(self.posemb, "posemb", ("learn", "sincos2d"))
+        if self.posemb == "sincos2d":
+            _check(self.width % 4 == 0, "width",
+                   f"sincos2d position embedding needs width divisible by 4, got {self.width}")
+            _check(self.block != "crate", "posemb", "CRATE uses a learned position embedding")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def final_eps(self) -> float:
+        return self.eps if self.head_norm_eps is None else self.head_norm_eps
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TextConfig(TowerConfig):
+    """A text encoder over token ids (B, T); it returns pooled features of width `width`.
+
+    pool: 'eot' (the first `eot_id` token, else the last real one), 'last' (last non-pad
+    token), 'mean' (mean over non-pad tokens) or 'cls' (the first token).
+    """
+
+    block: str = "vit"
+    context_length: int = 77
+    vocab_size: int = 32_000
+    causal: bool = True
+    pool: str = "eot"
+    eot_id: int | None = None
+    pad_id: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.block != "crate", "block", "the text tower is 'vit' or 'crate_alpha'")
+        _check(self.context_length > 0, "context_length",
+               f"must be positive, got {self.context_length}")
+        _check(self.vocab_size > 1, "vocab_size", f"must be > 1, got {self.vocab_size}")
+        _check_choice(self.pool, "pool", ("eot", "last", "mean", "cls"))
+        if self.pool == "eot":
+            _check(self.eot_id is not None, "eot_id", "pool='eot' needs eot_id")
+        if self.eot_id is not None:
+            _check(0 <= self.eot_id < self.vocab_size, "eot_id",
+                   f"must be in [0, vocab_size={self.vocab_size}), got {self.eot_id}")
+        _check(0 <= self.pad_id < self.vocab_size, "pad_id",
+               f"must be in [0, vocab_size={self.vocab_size}), got {self.pad_id}")

@@ -1,0 +1,108 @@
+"""Model names → configurations → modules.
+
+Names: "crate-b/16", "crate-alpha-l/14", "vit-b/16" (family-size/patch), and for text towers
+"text-b", "crate-alpha-text-b". Sizes are case-insensitive except where two differ only by case
+(CRATE-α and ViT "g" (giant) and "G" (gigantic)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+from flax import nnx
+
+from crate_jax.models.config import TextConfig, VisionConfig
+from crate_jax.models.text import TextTransformer
+from crate_jax.models.vision import VisionTransformer
+
+# size: (width, depth, heads[, mlp_dim])
+VISION_SIZES = {
+    "crate": {"T": (384, 12, 6), "S": (576, 12, 12), "B": (768, 12, 12), "L": (1024, 24, 16)},
+    "crate_alpha": {
+        "Ti": (192, 12, 3), "S": (576, 12, 12), "B": (768, 12, 12), "L": (1024, 24, 16),
+        "H": (1280, 32, 16), "g": (1408, 40, 16), "G": (1664, 48, 16), "e": (1792, 56, 16),
+    },
+    "vit": {
+        "Ti": (192, 12, 3, 768), "S": (384, 12, 6, 1536), "B": (768, 12, 12, 3072),
+        "L": (1024, 24, 16, 4096), "H": (1280, 32, 16, 5120), "g": (1408, 40, 16, 6144),
+        "G": (1664, 48, 16, 8192),
+    },
+}
+# CLIP-style text widths per size.
+TEXT_SIZES = {"Ti": (192, 12, 3), "S": (384, 12, 6), "B": (512, 12, 8), "L": (768, 12, 12),
+              "H": (1024, 24, 16)}
+FAMILIES = {"crate": "crate", "crate-alpha": "crate_alpha", "vit": "vit",
+            "text": "vit", "crate-alpha-text": "crate_alpha"}
+
+_NAME = re.compile(r"^(?P<family>crate-alpha-text|crate-alpha|crate|vit|text)-"
+                   r"(?P<size>[A-Za-z]+)(?:/(?P<patch>\d+))?$", re.IGNORECASE)
+
+
+def available() -> list[str]:
+    """Every family-size, for error messages and discovery (any patch size is accepted)."""
+    names = [f"{fam}-{size}/P" for fam, block in FAMILIES.items() if "text" not in fam
+             for size in VISION_SIZES[block]]
+    return names + [f"{fam}-{size}" for fam in FAMILIES if "text" in fam for size in TEXT_SIZES]
+
+
+def _size(table: dict, size: str, name: str) -> tuple:
+    if size in table:
+        return table[size]
+    matches = [k for k in table if k.lower() == size.lower()]
+    if len(matches) == 1:
+        return table[matches[0]]
+    raise ValueError(f"unknown model name {name!r}: size {size!r} not in {sorted(table)}; "
+                     f"known models: {', '.join(available())}")
+
+
+def config_for(name: str, **overrides) -> VisionConfig | TextConfig:
+    """The validated configuration for a registry name, with field overrides applied."""
+    match = _NAME.match(name.strip())
+    if not match:
+        raise ValueError(f"unknown model name {name!r}; known models: {', '.join(available())}")
+    family, patch = match["family"].lower(), match["patch"]
+    block = FAMILIES[family]
+    is_text = "text" in family
+    if is_text == (patch is not None):
+        hint = "text towers take no patch size" if is_text else "add the patch size, e.g. /16"
+        raise ValueError(f"unknown model name {name!r}: {hint}")
+    table = TEXT_SIZES if is_text else VISION_SIZES[block]
+    dims = _size(table, match["size"], name)
+    fields = dict(block=block, width=dims[0], depth=dims[1], heads=dims[2])
+    if len(dims) > 3:
+        fields["mlp_dim"] = dims[3]
+    cls = TextConfig if is_text else VisionConfig
+    if not is_text:
+        fields["patch_size"] = int(patch)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown model setting(s) {unknown} for {name!r}; "
+                         f"settings are {sorted(known)}")
+    return cls(**{**fields, **overrides})
+
+
+def build(cfg: VisionConfig | TextConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The module for a configuration."""
+    if isinstance(cfg, TextConfig):
+        return TextTransformer(cfg, rngs=rngs)
+    return VisionTransformer(cfg, rngs=rngs)
+
+
+def create(name: str, *, seed: int = 0, rngs: nnx.Rngs | None = None,
+           **overrides) -> nnx.Module:
+    """Build a model by name, e.g. create("crate-alpha-l/14", num_classes=0, dtype="bfloat16").
+
+    To get the shapes without allocating anything: nnx.eval_shape(lambda: create(name)).
+    """
+    cfg = config_for(name, **overrides)
+    return build(cfg, rngs=rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def count_params(model: nnx.Module) -> int:
+    """The number of trainable parameters (nnx.Param leaves); works on abstract models too."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return sum(math.prod(leaf.shape) for leaf in leaves)

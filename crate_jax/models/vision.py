@@ -1,0 +1,103 @@
+"""Image models: CRATE, CRATE-α and ViT share one class; `cfg.block` picks the family.
+
+    CRATE:    E  = LN(LN(patchify(x))·W + b)                   linear stem
+    CRATE-α:  E  = Conv_P(x)                                   ViT: the same
+              Z⁰ = [cls; E] + P                                P learned, or 2-D sin-cos
+              Zᴸ = Encoder(Z⁰)                                 L layers (encoder.py)
+    CRATE:    y  = Head(LN(pool(Zᴸ)))                          norm after pooling (reference)
+    CRATE-α:  y  = Head(pool(LN(Zᴸ)))                          ViT: the same
+
+pool is the cls token, or the mean ('gap'/'mean': over all tokens for CRATE as its reference
+does, over the patch tokens for CRATE-α and ViT). With num_classes=0 there is no head and
+the model returns the pooled features (an image tower).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from crate_jax.models.config import VisionConfig
+from crate_jax.models.encoder import Encoder
+from crate_jax.models.layers import (
+    ConvPatchStem,
+    Dense,
+    LayerNorm,
+    LinearPatchStem,
+    PositionEmbedding,
+    normal,
+    param,
+    zeros,
+)
+
+
+class VisionTransformer(nnx.Module):
+    """Returns logits (B, classes) in float32, or pooled features (B, d) when num_classes=0.
+    With collect=True it returns (output, intermediates); see `encode`."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt, pdt = cfg.compute_dtype, cfg.storage_dtype
+        d = cfg.width
+        if cfg.block == "crate":
+            self.stem = LinearPatchStem(cfg.patch_size, cfg.channels, d, eps=cfg.eps, dtype=dt,
+                                        param_dtype=pdt, rngs=rngs)
+            cls_std, pos_std = 1.0, 1.0  # the reference draws both from torch.randn
+        else:
+            self.stem = ConvPatchStem(cfg.patch_size, cfg.channels, d, use_bias=cfg.stem_bias,
+                                      dtype=dt, param_dtype=pdt, rngs=rngs)
+            cls_std, pos_std = 1e-6, 0.02
+        self.cls = param(rngs, normal(cls_std), (1, 1, d), (None, None, "embed"), pdt)
+        self.posemb = PositionEmbedding(cfg.grid, d, kind=cfg.posemb, init_std=pos_std,
+                                        param_dtype=pdt, rngs=rngs)
+        self.encoder = Encoder(cfg, rngs=rngs)
+        self.norm = LayerNorm(d, eps=cfg.final_eps, dtype=jnp.float32, param_dtype=pdt,
+                              rngs=rngs)
+        self.head = (Dense(d, cfg.num_classes, axes=("embed", "classes"),
+                           kernel_init=normal(0.02), bias_init=zeros, dtype=jnp.float32,
+                           param_dtype=pdt, rngs=rngs)
+                     if cfg.num_classes else None)
+
+    def embed(self, images: jax.Array, patch_keep: jax.Array | None = None) -> jax.Array:
+        """Z⁰ = [cls; E] + P, (B, 1 + N, d). `patch_keep` (B, M) keeps only those patches
+        (after their position embedding is added): CLIPA-style token dropping."""
+        cfg = self.cfg
+        if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
+            raise ValueError(f"images of shape {images.shape[1:]} do not match image_size="
+                             f"{cfg.image_size}, channels={cfg.channels} (NHWC expected)")
+        patches = self.stem(images.astype(cfg.compute_dtype))
+        table = self.posemb().astype(patches.dtype)
+        patches = patches + table[:, 1:]
+        if patch_keep is not None:
+            patches = jnp.take_along_axis(patches, patch_keep[..., None], axis=1)
+        cls = jnp.broadcast_to(self.cls[...].astype(patches.dtype) + table[:, :1],
+                               (patches.shape[0], 1, cfg.width))
+        return jnp.concatenate([cls, patches], axis=1)
+
+    def encode(self, images: jax.Array, *, patch_keep: jax.Array | None = None,
+               collect: bool = False):
+        """Tokens after the last layer, (B, 1 + N, d), and the intermediates when `collect`:
+        tokens_in (B, 1+N, d) and, stacked over layers, tokens_mssa and tokens_out (L, B, 1+N, d),
+        codes (L, B, 1+N, d or C·d) and attention (L, B, K, 1+N, 1+N)."""
+        z0 = self.embed(images, patch_keep)
+        z, inter = self.encoder(z0, collect=collect)
+        if inter is not None:
+            inter["tokens_in"] = z0
+        return z, inter
+
+    def pool(self, tokens: jax.Array) -> jax.Array:
+        if self.cfg.pool == "cls":
+            return tokens[:, 0]
+        return tokens.mean(1) if self.cfg.block == "crate" else tokens[:, 1:].mean(1)
+
+    def __call__(self, images: jax.Array, *, patch_keep: jax.Array | None = None,
+                 collect: bool = False):
+        z, inter = self.encode(images, patch_keep=patch_keep, collect=collect)
+        if self.cfg.block == "crate":
+            features = self.norm(self.pool(z))
+        else:
+            features = self.pool(self.norm(z))
+        out = features if self.head is None else self.head(features)
+        out = out.astype(jnp.float32)
+        return (out, inter) if collect else out
