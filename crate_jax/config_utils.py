@@ -1,0 +1,97 @@
+"""Helpers for the config files in configs/: argument parsing, engine defaults, smoke mode."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """'smoke,variant=L/14,stage=finetune' → ConfigDict(smoke=True, variant='L/14', ...).
+
+    Every key must be one of `defaults`; values take the type of their default."""
+    out = ml_collections.ConfigDict(dict(defaults))
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"config argument {key!r} unknown; arguments are {sorted(defaults)}")
+        default = defaults[key]
+        if not value:
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            out[key] = int(value)
+        elif isinstance(default, float):
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Engine defaults every config starts from (configs override what they need)."""
+    c = ml_collections.ConfigDict()
+    c.trainer = "classification"
+    c.seed = 0
+    c.batch_size = 256
+    c.total_steps = 1000
+    c.grad_accum_steps = 1
+    c.log_every = 50
+    c.eval_every = 0  # 0: only at the end
+    c.eval_batch_size = 256
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.sharding_rules = None  # None: crate_jax.parallel.DEFAULT_RULES
+    c.measure_flops = True
+    c.tensorboard = True
+    c.wandb_project = None
+    c.profile = ml_collections.ConfigDict({"start_step": -1, "num_steps": 0})
+    c.init_from = None  # a workdir or checkpoint directory to finetune from
+    c.init_step = None
+    c.reinit_head = True
+
+    c.model = ml_collections.ConfigDict({"name": "crate-alpha-b/16", "overrides": {}})
+
+    c.optim = ml_collections.ConfigDict(dict(
+        name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, mu_dtype=None,
+        clip_norm=1.0, schedule="cosine", warmup_steps=100, total_steps=1000, end_lr=0.0,
+        warmup_init_lr=0.0, layer_decay=None))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every=500, keep=2, keep_best=1, best_metric="val/top1", best_mode="max",
+        async_save=True))
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict, *, model_name: str | None = None,
+          image_size: int = 16, patch: int = 8) -> ml_collections.ConfigDict:
+    """Shrink a config to seconds on a CPU: a toy model of the same family, synthetic data,
+    a few steps; the code path (task, loss, optimizer, sharding, checkpoints) stays real."""
+    name = model_name or c.model.name
+    family = name.rsplit("-", 1)[0]
+    c.model.name = f"{family}-ti/{patch}" if "crate-alpha" in family or family == "vit" else \
+        f"{family}-t/{patch}"
+    c.model.overrides = ml_collections.ConfigDict(
+        {**dict(c.model.get("overrides", {})), "width": 32, "depth": 2, "heads": 2})
+    if "data" in c:
+        c.data.source = "synthetic_shapes"
+        c.data.image_size = image_size
+        c.data.num_classes = 4
+        c.data.num_train_examples = 256
+        c.data.num_eval_examples = 40
+        c.data.train_split, c.data.eval_split = "train", "test"
+        c.data.train_augment = "flip"
+        c.data.num_workers = 0
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.grad_accum_steps = 1
+    c.total_steps = 4
+    c.optim.total_steps = 4
+    c.optim.warmup_steps = 1
+    c.log_every = 2
+    c.checkpoint.every = 2
+    c.measure_flops = False
+    c.init_from = None
+    return c

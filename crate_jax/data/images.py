@@ -1,0 +1,145 @@
+"""Image-classification sources and their host-side transforms.
+
+Sources (random access, `source[i] -> {'image': uint8 HWC or encoded bytes, 'label': int}`):
+    synthetic_shapes   procedurally generated shapes (crate_jax.data.synthetic), no files
+    tfds               any TFDS image dataset through tfds.data_source (imagenet2012, cifar10,
+                       an ImageNet-21K builder ...), read without tensorflow
+    folder             ROOT/SPLIT/CLASS_NAME/*.{jpg,jpeg,png,webp}, classes sorted by name
+Images leave the host as uint8; normalisation happens on the device.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import numpy as np
+from etils import epath
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class ImageFolder:
+    """ROOT/SPLIT/CLASS/*.jpg as a random-access source of {'image': bytes, 'label': int}."""
+
+    def __init__(self, root: str, split: str):
+        directory = epath.Path(root) / split
+        if not directory.is_dir():
+            raise FileNotFoundError(f"data.data_dir: no split directory {directory}")
+        self.class_names = sorted(p.name for p in directory.iterdir() if p.is_dir())
+        if not self.class_names:
+            raise FileNotFoundError(f"data.data_dir: {directory} has no class sub-directories")
+        self.files: list[tuple[epath.Path, int]] = [
+            (f, label) for label, name in enumerate(self.class_names)
+            for f in sorted((directory / name).iterdir())
+            if f.suffix.lower() in IMAGE_EXTENSIONS]
+        if not self.files:
+            raise FileNotFoundError(f"data.data_dir: no images under {directory}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.files[index]
+        return {"image": path.read_bytes(), "label": np.int32(label)}
+
+
+def image_source(data: Any, split: str):
+    """The source named by the `data` config section for `split`."""
+    kind = data.source
+    if kind == "synthetic_shapes":
+        from crate_jax.data.synthetic import ShapesClassification
+        num = data.get("num_train_examples" if split == "train" else "num_eval_examples")
+        return ShapesClassification(split, num_examples=num, image_size=data.image_size,
+                                    num_classes=data.num_classes, seed=data.get("seed", 0))
+    if kind == "tfds":
+        import tensorflow_datasets as tfds
+        data_dir = data.get("data_dir")
+        if data_dir and not epath.Path(data_dir).exists():
+            raise FileNotFoundError(f"data.data_dir: {data_dir} does not exist")
+        try:
+            return tfds.data_source(data.name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # tfds raises several types for a dataset that is not prepared
+            raise FileNotFoundError(
+                f"data.name={data.name!r} split={split!r}: not found under data.data_dir="
+                f"{data_dir!r} ({type(e).__name__}: {e}). Prepare it first: "
+                f"tfds build {data.name} --data_dir=...") from e
+    if kind == "folder":
+        return ImageFolder(data.data_dir, split)
+    raise ValueError(f"data.source: unknown source {kind!r}; "
+                     "use 'synthetic_shapes', 'tfds' or 'folder'")
+
+
+def to_pil(image: Any) -> Image.Image:
+    if isinstance(image, bytes | bytearray):
+        return Image.open(io.BytesIO(image)).convert("RGB")
+    array = np.asarray(image)
+    if array.ndim == 2 or array.shape[-1] == 1:
+        array = np.repeat(array.reshape(*array.shape[:2], 1), 3, axis=-1)
+    return Image.fromarray(array.astype(np.uint8))
+
+
+def inception_crop(image: Image.Image, rng: np.random.Generator, size: int, *,
+                   area: tuple[float, float] = (0.08, 1.0),
+                   ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+    """A random crop of `area` × the image area and aspect ratio in `ratio` (log-uniform),
+    resized to size × size; falls back to a centre crop after 10 failed draws."""
+    width, height = image.size
+    for _ in range(10):
+        target = rng.uniform(*area) * width * height
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            x = int(rng.integers(0, width - w + 1))
+            y = int(rng.integers(0, height - h + 1))
+            return image.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
+    side = min(width, height)
+    x, y = (width - side) // 2, (height - side) // 2
+    return image.resize((size, size), Image.BILINEAR, box=(x, y, x + side, y + side))
+
+
+def resize_center_crop(image: Image.Image, size: int, crop_fraction: float = 0.875) -> Image.Image:
+    """Resize the short side to size / crop_fraction, then crop the centre size × size."""
+    width, height = image.size
+    scale = size / crop_fraction / min(width, height)
+    w, h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((w, h), Image.BICUBIC)
+    x, y = (w - size) // 2, (h - size) // 2
+    return image.crop((x, y, x + size, y + size))
+
+
+def train_transform(data: Any):
+    """example, rng -> {'image': uint8 (S, S, 3), 'label'} per data.train_augment."""
+    size, augment = data.image_size, data.get("train_augment", "inception_crop")
+    if augment not in ("inception_crop", "flip", "none"):
+        raise ValueError(f"data.train_augment: {augment!r}; use 'inception_crop', 'flip' "
+                         "or 'none'")
+
+    def transform(example: dict, rng: np.random.Generator) -> dict:
+        image = to_pil(example["image"])
+        if augment == "inception_crop":
+            image = inception_crop(image, rng, size)
+        elif image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        array = np.asarray(image, np.uint8)
+        if augment != "none" and rng.random() < 0.5:
+            array = array[:, ::-1]
+        return {"image": np.ascontiguousarray(array), "label": np.int32(example["label"])}
+
+    return transform
+
+
+def eval_transform(data: Any):
+    """example -> {'image': uint8 (S, S, 3), 'label'}: resize and centre crop."""
+    size, crop = data.image_size, data.get("eval_crop_fraction", 0.875)
+
+    def transform(example: dict) -> dict:
+        image = to_pil(example["image"])
+        if image.size != (size, size):
+            image = resize_center_crop(image, size, crop)
+        return {"image": np.asarray(image, np.uint8), "label": np.int32(example["label"])}
+
+    return transform

@@ -1,0 +1,1 @@
+"""Evaluators: each runs sharded like training and returns metrics named '{name}/...'."""

@@ -1,0 +1,14 @@
+"""Tasks: each supplies a model, data, a loss and evaluators to the one training loop."""
+
+from crate_jax.tasks.base import Evaluator, Task
+
+
+def get(name: str) -> type[Task]:
+    """The task class for `config.trainer`."""
+    if name == "classification":
+        from crate_jax.tasks.classification import ClassificationTask
+        return ClassificationTask
+    raise ValueError(f"trainer: unknown task {name!r}; known: 'classification'")
+
+
+__all__ = ["Evaluator", "Task", "get"]

@@ -1,0 +1,55 @@
+"""What a task gives the shared training loop (crate_jax/train/loop.py).
+
+A task owns its model, its data, its loss and its evaluators; it never runs the loop itself.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+
+class Evaluator(abc.ABC):
+    """Runs periodically on the current parameters; returns metrics named '{name}/...'."""
+
+    name: str
+
+    @abc.abstractmethod
+    def run(self, graphdef: nnx.GraphDef, params: dict, rest: nnx.State,
+            mesh: jax.sharding.Mesh) -> dict[str, float]: ...
+
+
+class Task(abc.ABC):
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+
+    @abc.abstractmethod
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        """A freshly initialised model (called under jit and nnx.eval_shape)."""
+
+    @abc.abstractmethod
+    def train_data(self, batch_size: int, seed: int) -> Any:
+        """An endless iterator of this process's host batches (dicts of NumPy arrays) with
+        get_state() / set_state() for checkpointing."""
+
+    @abc.abstractmethod
+    def loss(self, model: nnx.Module, batch: dict[str, jax.Array],
+             rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Scalar loss (mean over the batch) and scalar metrics, traced inside the train step."""
+
+    def evaluators(self) -> list[Evaluator]:
+        return []
+
+    def num_layers(self) -> int | None:
+        """Depth for layer-wise learning-rate decay (None: the task has no single depth)."""
+        return None
+
+    def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        """A host batch of the right shapes and dtypes (for ahead-of-time compilation)."""
+        it = self.train_data(batch_size, seed=0)
+        return next(it)

@@ -1,0 +1,125 @@
+"""Metric sinks: a progress line on stdout, JSON lines and TensorBoard events in the workdir,
+and Weights & Biases when it is installed and asked for. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any
+
+import jax
+from etils import epath
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3e}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricWriter:
+    """writer.write(step, {'train/loss': 0.3, ...}) → metrics.jsonl, TensorBoard, wandb."""
+
+    def __init__(self, workdir: str | epath.Path, *, tensorboard: bool = True,
+                 wandb_project: str | None = None, config: dict | None = None):
+        self.enabled = jax.process_index() == 0
+        self.workdir = epath.Path(workdir)
+        self._tb = self._wandb = None
+        if not self.enabled:
+            return
+        self._jsonl = (self.workdir / "metrics.jsonl").open("a")
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            except ImportError:
+                logging.warning("tensorboardX is not installed: no TensorBoard events")
+        if wandb_project:
+            try:
+                import wandb
+                self._wandb = wandb.init(project=wandb_project, config=config,
+                                         dir=str(self.workdir), resume="allow")
+            except ImportError:
+                logging.warning("wandb was asked for but is not installed")
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class Throughput:
+    """Step time, examples/s, TFLOP/s per device, MFU and ETA between two progress lines."""
+
+    def __init__(self, *, batch_size: int, flops_per_step: float, total_steps: int,
+                 start_step: int):
+        from crate_jax import perf
+
+        self.batch_size = batch_size
+        self.flops_per_step = flops_per_step
+        self.total_steps = total_steps
+        self.num_devices = jax.device_count()
+        self.peak = perf.peak_flops()
+        self._t, self._step = time.perf_counter(), start_step
+
+    def measure(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        steps = max(step - self._step, 1)
+        step_time = (now - self._t) / steps
+        self._t, self._step = now, step
+        out = {"perf/step_time_s": step_time,
+               "perf/examples_per_s": self.batch_size / step_time,
+               "perf/tflops_per_device": self.flops_per_step / step_time / self.num_devices / 1e12,
+               "perf/eta_s": step_time * (self.total_steps - step)}
+        if self.peak:
+            out["perf/mfu"] = self.flops_per_step / step_time / self.num_devices / self.peak
+        return out
+
+
+def progress_line(step: int, total: int, metrics: dict[str, Any]) -> str:
+    """step 120/1000 | loss 2.301 | lr 1.0e-03 | grad_norm 1.2 | 512 img/s | ... | ETA 3m10s"""
+    parts = [f"step {step}/{total}"]
+    for key, label in (("train/loss", "loss"), ("train/lr", "lr"),
+                       ("train/grad_norm", "grad_norm")):
+        if key in metrics:
+            parts.append(f"{label} {_fmt(float(metrics[key]))}")
+    for key, value in metrics.items():
+        if key.startswith("train/") and key not in ("train/loss", "train/lr", "train/grad_norm"):
+            parts.append(f"{key[6:]} {_fmt(float(value))}")
+    if "perf/examples_per_s" in metrics:
+        parts.append(f"{metrics['perf/examples_per_s']:.1f} ex/s")
+        parts.append(f"step {1e3 * metrics['perf/step_time_s']:.0f} ms")
+        parts.append(f"{metrics['perf/tflops_per_device']:.2f} TFLOP/s/dev")
+        if "perf/mfu" in metrics:
+            parts.append(f"MFU {100 * metrics['perf/mfu']:.1f}%")
+        parts.append(f"ETA {_duration(metrics['perf/eta_s'])}")
+    return " | ".join(parts)

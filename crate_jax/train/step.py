@@ -1,0 +1,81 @@
+"""The train step every task shares: loss → gradients (optionally accumulated over
+micro-batches) → optax update. A task supplies only `loss(model, batch, rng)`.
+
+The state is a plain dict {'step', 'params', 'opt_state'}; params is the pure nested dict of
+the model's nnx.Params. Randomness (dropout, DropPath, mixup) comes from
+fold_in(key(seed), step), so a resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def merge_model(graphdef: nnx.GraphDef, params: dict, rest: nnx.State, *,
+                train: bool, rng: jax.Array | None = None) -> nnx.Module:
+    """The module for these parameters, in train or eval mode, its dropout streams seeded."""
+    model = nnx.merge(graphdef, params, rest)
+    if train:
+        model.train()
+        if rng is not None:
+            nnx.reseed(model, dropout=rng)
+    else:
+        model.eval()
+    return model
+
+
+def split_microbatches(batch: dict, accum_steps: int) -> dict:
+    """(B, ...) → (accum, B/accum, ...), micro-batch i taking rows i, i+accum, ...: each device's
+    contiguous block of the batch holds rows of every micro-batch, so no data moves."""
+    def split(x):
+        x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, seed: int, accum_steps: int = 1):
+    """train_step(state, rest, batch) -> (state, metrics), to be jitted by the caller."""
+
+    def loss_of_params(params, rest, batch, rng):
+        model = merge_model(graphdef, params, rest, train=True, rng=rng)
+        return loss(model, batch, rng)
+
+    grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
+
+    def train_step(state: dict[str, Any], rest: nnx.State, batch: dict):
+        rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+        if accum_steps == 1:
+            (loss_value, aux), grads = grad_fn(state["params"], rest, batch, rng)
+        else:
+            micro_batches = split_microbatches(batch, accum_steps)
+
+            def accumulate(carry, xs):
+                index, micro_batch = xs
+                (loss_i, aux_i), grads_i = grad_fn(state["params"], rest, micro_batch,
+                                                   jax.random.fold_in(rng, index))
+                return jax.tree.map(jnp.add, carry, (loss_i, aux_i, grads_i)), None
+
+            first = jax.tree.map(lambda x: x[0], micro_batches)
+            (l0, a0), g0 = jax.eval_shape(grad_fn, state["params"], rest, first, rng)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
+            sums, _ = jax.lax.scan(accumulate, zeros,
+                                   (jnp.arange(accum_steps), micro_batches))
+            # every micro-batch loss is a mean over the same number of rows
+            loss_value, aux, grads = jax.tree.map(lambda x: x / accum_steps, sums)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"train/loss": loss_value, "train/grad_norm": optax.tree.norm(grads),
+                   "train/lr": schedule(state["step"]),
+                   **{f"train/{k}": v for k, v in aux.items()}}
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    return train_step
