@@ -95,3 +95,42 @@ def smoke(c: ml_collections.ConfigDict, *, model_name: str | None = None,
     c.measure_flops = False
     c.init_from = None
     return c
+
+
+def smoke_clip(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Smoke mode for contrastive configs: toy towers of the same families, synthetic captions."""
+    image_family = c.model.image.rsplit("-", 1)[0]
+    c.model.image = (f"{image_family}-t/8" if image_family == "crate" else
+                     f"{image_family}-ti/8")
+    c.model.image_overrides = ml_collections.ConfigDict(
+        {**dict(c.model.get("image_overrides", {})), "width": 32, "depth": 2, "heads": 2})
+    c.model.text = f"{c.model.text.rsplit('-', 1)[0]}-ti"
+    c.model.text_overrides = ml_collections.ConfigDict(
+        {**dict(c.model.get("text_overrides", {})), "width": 32, "depth": 1, "heads": 2})
+    c.model.embed_dim = 16
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic_captions", image_size=16, holdout_pairs=4, seed=0,
+        num_train_examples=256, tokenizer="bytes", context_length=72,
+        text_tokens=min(c.data.get("text_tokens") or 72, 72),
+        text_reduction=c.data.get("text_reduction", "truncate"), num_workers=0))
+    c.evals = ml_collections.ConfigDict(dict(
+        zeroshot=dict(kind="zeroshot", source="synthetic_captions", split="test",
+                      holdout_pairs=4, heldout_only=True, num_examples=24),
+        retrieval=dict(kind="retrieval", source="synthetic_captions", split="test",
+                       num_examples=24),
+        probe=dict(kind="probe", source="synthetic_captions", split="test", holdout_pairs=0,
+                   train_split="train", num_examples=48, num_classes=64)))
+    c.checkpoint.best_metric = "zeroshot/top1"
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.grad_accum_steps = 1
+    c.total_steps = 4
+    c.optim.total_steps = 4
+    c.optim.warmup_steps = 1
+    c.log_every = 2
+    c.checkpoint.every = 2
+    c.measure_flops = False
+    c.init_from = None
+    if "init_towers" in c:
+        c.init_towers = None
+    return c

@@ -8,7 +8,10 @@ def get(name: str) -> type[Task]:
     if name == "classification":
         from crate_jax.tasks.classification import ClassificationTask
         return ClassificationTask
-    raise ValueError(f"trainer: unknown task {name!r}; known: 'classification'")
+    if name == "contrastive":
+        from crate_jax.tasks.contrastive import ContrastiveTask
+        return ContrastiveTask
+    raise ValueError(f"trainer: unknown task {name!r}; known: 'classification', 'contrastive'")
 
 
 __all__ = ["Evaluator", "Task", "get"]

@@ -225,7 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         throughput = Throughput(batch_size=config.batch_size, flops_per_step=flops,
                                 total_steps=total_steps, start_step=start)
         if jax.process_index() == 0:
-            print(f"{config.trainer}: {config.model.name}, "
+            name = config.model.get("name") or f"{config.model.image} + {config.model.text}"
+            print(f"{config.trainer}: {name}, "
                   f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters, mesh "
                   f"{dict(mesh.shape)}, batch {config.batch_size}, steps {start}→{total_steps}, "
                   f"compiled in {compile_s:.1f}s, {flops / config.batch_size / 3e9:.2f} "

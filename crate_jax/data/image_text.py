@@ -1,0 +1,259 @@
+"""Image-text input for contrastive training, and the evaluation sets of its evaluators.
+
+Training sources (config.data.source):
+    synthetic_captions  the procedurally generated shapes + captions set (random access, grain)
+    webdataset          img2dataset tar shards, data.shards = '/data/datacomp/{00000..12799}.tar'
+                        (local or gs://), read by a resumable WebDatasetReader, decoded on a
+                        thread pool and batched in a background thread
+Every batch is {'image': uint8 (B, S, S, 3), 'tokens': int32 (B, k)}: images at the training
+resolution (CLIPA's low resolution comes from a DCT-scaled JPEG decode), captions tokenized to
+data.context_length and reduced to data.text_tokens tokens (truncate / random / block).
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from crate_jax.data import pipeline
+from crate_jax.data import tokenizer as tokenizers
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(spec: str | None) -> tokenizers.Tokenizer:
+    if spec and spec.startswith("builtin:"):
+        # Tokenizers that ship with the package (crate_jax/data/assets/NAME.model).
+        from importlib import resources
+        spec = str(resources.files("crate_jax.data").joinpath("assets", spec[8:] + ".model"))
+    return tokenizers.load(spec)
+
+
+def tokenizer_for(data: Any) -> tokenizers.Tokenizer:
+    return _load_tokenizer(data.get("tokenizer") or "bytes")
+
+
+def text_tokens(data: Any, captions: list[str], rng: np.random.Generator | None) -> np.ndarray:
+    """Tokenize to context_length, then reduce to data.text_tokens (CLIPA text reduction)."""
+    tok = tokenizer_for(data)
+    tokens = tokenizers.tokenize(tok, captions, data.context_length)
+    k = data.get("text_tokens") or data.context_length
+    if k < data.context_length:
+        method = data.get("text_reduction", "truncate")
+        tokens = tokenizers.reduce_tokens(tokens, k, method=method,
+                                          rng=rng if method != "truncate" else None,
+                                          pad_id=tok.pad_id, eot_id=tok.eot_id)
+    return tokens
+
+
+def _synthetic(data: Any, split: str, num_examples: int | None = None,
+               holdout_pairs: int | None = None):
+    from crate_jax.data.synthetic import ShapesCaptions
+    if holdout_pairs is None:
+        holdout_pairs = data.get("holdout_pairs", 0)
+    return ShapesCaptions(split, num_examples=num_examples, image_size=data.image_size,
+                          seed=data.get("seed", 0), holdout_pairs=holdout_pairs)
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    from PIL import Image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def train_iterator(data: Any, *, batch_size: int, seed: int):
+    if data.source == "synthetic_captions":
+        source = _synthetic(data, "train", data.get("num_train_examples"))
+
+        def transform(example, rng):
+            image = example["image"]
+            if rng.random() < 0.5 and data.get("flip", False):
+                image = image[:, ::-1]
+            return {"image": np.ascontiguousarray(image),
+                    "tokens": text_tokens(data, [example["caption"]], rng)[0]}
+
+        return pipeline.train_iterator(source, batch_size=batch_size, seed=seed,
+                                       transform=transform,
+                                       num_workers=data.get("num_workers", 0))
+    if data.source == "webdataset":
+        from crate_jax.data.webdataset import WebDatasetReader
+        # Images are checked by the decode in _decode_pair, not decoded twice.
+        reader = WebDatasetReader(data.shards, seed=seed,
+                                  shuffle_buffer=data.get("shuffle_buffer", 0),
+                                  max_bad_fraction=data.get("max_bad_fraction", 0.5),
+                                  verify_images=False)
+        return ImageTextBatches(reader, functools.partial(_decode_pair, data, seed),
+                                batch_size=batch_size, threads=data.get("num_workers", 8))
+    raise ValueError(f"data.source: {data.source!r}; use 'synthetic_captions' or 'webdataset'")
+
+
+def _decode_pair(data: Any, seed: int, sample: dict) -> dict[str, np.ndarray] | None:
+    """The training pair, or None when the image does not decode (counted as bad)."""
+    from crate_jax.data.augment import clipa_crop
+    # The sample's own RNG: the same crop whatever thread decodes it, and after a resume;
+    # a new one every epoch.
+    rng = np.random.default_rng([seed, sample["epoch"], zlib.crc32(sample["shard"].encode()),
+                                 sample["index"]])
+    try:
+        image = clipa_crop(sample["image"], rng, data.image_size,
+                           area=tuple(data.get("crop_area", (0.4, 1.0))))
+    except (OSError, ValueError, SyntaxError):  # what PIL raises for corrupt or truncated data
+        return None
+    return {"image": image, "tokens": text_tokens(data, [sample["caption"]], rng)[0]}
+
+
+class ImageTextBatches:
+    """Batches from a resumable sample reader, made in a background thread.
+
+    get_state() is the reader's state right after the last batch handed out, so a checkpoint
+    taken between steps resumes at the next unseen sample, whatever is queued."""
+
+    def __init__(self, reader, transform: Callable[[dict], dict], *, batch_size: int,
+                 threads: int = 8, prefetch: int = 2):
+        self.reader, self.transform, self.batch_size = reader, transform, batch_size
+        self.threads, self.prefetch = max(1, threads), prefetch
+        self._state = reader.get_state()
+        self._start()
+
+    def _start(self) -> None:
+        self._queue: queue.Queue = queue.Queue(self.prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        with ThreadPoolExecutor(self.threads) as pool:
+            while not self._stop.is_set():
+                try:
+                    examples: list[dict] = []
+                    while len(examples) < self.batch_size:
+                        samples = [next(self.reader)
+                                   for _ in range(self.batch_size - len(examples))]
+                        for sample in samples:
+                            sample["epoch"] = self.reader.epoch
+                        decoded = list(pool.map(self.transform, samples))
+                        self.reader.stats.bad_images += sum(e is None for e in decoded)
+                        examples += [e for e in decoded if e is not None]
+                    state = self.reader.get_state()
+                    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+                    item = (batch, state, None)
+                except Exception as e:  # handed to the consumer, raised there
+                    item = (None, None, e)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if item[2] is not None:
+                    return
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch, state, error = self._queue.get()
+        if error is not None:
+            raise error
+        self._state = state
+        return batch
+
+    def get_state(self) -> dict:
+        return self._state
+
+    def set_state(self, state: dict) -> None:
+        self.close()
+        self.reader.set_state(state)
+        self._state = state
+        self._start()
+
+    def metrics(self) -> dict[str, float]:
+        return self.reader.stats.as_metrics()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --- evaluation sets -----------------------------------------------------------------------
+
+def class_names(spec: Any) -> tuple[list[str], list[int] | None]:
+    """Class names for a zero-shot spec, and the subset of classes scored (None: all)."""
+    if spec.source == "synthetic_captions":
+        from crate_jax.data.synthetic import ShapesCaptions
+        probe = ShapesCaptions("train", num_examples=1, holdout_pairs=spec.get("holdout_pairs",
+                                                                               0),
+                               seed=spec.get("seed", 0))
+        subset = probe.heldout_class_ids if spec.get("heldout_only", False) else None
+        return list(probe.class_names), subset
+    if spec.get("name") == "imagenet2012":
+        from crate_jax.evals.clip import imagenet_class_names
+        return imagenet_class_names(), None
+    if spec.get("class_names"):
+        return [line.strip() for line in open(spec.class_names) if line.strip()], None
+    raise ValueError(f"evals: no class names for {spec.get('name') or spec.source!r}; "
+                     "give class_names=FILE")
+
+
+class _CaptionPairs:
+    """(image, caption) pairs of a captioned set, one row per caption, with its image id."""
+
+    def __init__(self, source, caption_key: Callable[[dict], list[str]]):
+        self.source, self.caption_key = source, caption_key
+        self.index = [(i, j) for i in range(len(source))
+                      for j in range(len(caption_key(source[i])))]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> dict:
+        i, j = self.index[k]
+        example = self.source[i]
+        return {"image": example["image"], "caption": self.caption_key(example)[j],
+                "image_id": np.int32(i), "label": example.get("label", np.int32(0))}
+
+
+def eval_source(spec: Any, data: Any, split: str):
+    if spec.source == "synthetic_captions":
+        return _synthetic(data, split, spec.get("num_examples"), spec.get("holdout_pairs"))
+    if spec.source == "tfds":
+        from crate_jax.data.images import image_source
+        import ml_collections
+        tfds_cfg = ml_collections.ConfigDict(dict(source="tfds", name=spec.name,
+                                                  data_dir=spec.get("data_dir")))
+        return image_source(tfds_cfg, split)
+    raise ValueError(f"evals source {spec.source!r}: use 'synthetic_captions' or 'tfds'")
+
+
+def eval_batches_factory(spec: Any, data: Any, batch_size: int, split: str | None = None):
+    """A function returning a fresh pass of padded, masked eval batches for this spec."""
+    from crate_jax.data.images import to_pil, resize_center_crop
+    split = split or spec.get("split", "test")
+    source = eval_source(spec, data, split)
+    if spec.kind == "retrieval":
+        if spec.source == "synthetic_captions":
+            source = _CaptionPairs(source, lambda e: [e["caption"]])
+        else:
+            source = _CaptionPairs(source, lambda e: [t.decode() if isinstance(t, bytes) else t
+                                                      for t in e["captions"]["text"]])
+
+    def transform(example: dict) -> dict:
+        image = example["image"]
+        if isinstance(image, bytes) or np.asarray(image).shape[0] != data.image_size:
+            image = np.asarray(resize_center_crop(to_pil(image), data.image_size, 1.0))
+        out = {"image": np.asarray(image, np.uint8),
+               "label": np.int32(example.get("label", 0))}
+        if spec.kind == "retrieval":
+            out["tokens"] = tokenizers.tokenize(tokenizer_for(data), [example["caption"]],
+                                                data.context_length)[0]
+            out["image_id"] = np.int32(example["image_id"])
+        return out
+
+    return lambda: pipeline.eval_batches(source, batch_size=batch_size, transform=transform)
