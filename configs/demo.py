@@ -48,5 +48,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    total_steps=c.total_steps, schedule="cosine", clip_norm=1.0)
     c.checkpoint.update(every=600, keep=2, keep_best=1, best_metric="zeroshot_heldout/top1")
     if args.smoke:
-        config_utils.smoke_clip(c)
+        config_utils.smoke_clip(c, probe=True)
     return c

@@ -97,7 +97,8 @@ def smoke(c: ml_collections.ConfigDict, *, model_name: str | None = None,
     return c
 
 
-def smoke_clip(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def smoke_clip(c: ml_collections.ConfigDict, *,
+               probe: bool = False) -> ml_collections.ConfigDict:
     """Smoke mode for contrastive configs: toy towers of the same families, synthetic captions."""
     image_family = c.model.image.rsplit("-", 1)[0]
     c.model.image = (f"{image_family}-t/8" if image_family == "crate" else
@@ -117,9 +118,11 @@ def smoke_clip(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         zeroshot=dict(kind="zeroshot", source="synthetic_captions", split="test",
                       holdout_pairs=4, heldout_only=True, num_examples=24),
         retrieval=dict(kind="retrieval", source="synthetic_captions", split="test",
-                       num_examples=24),
-        probe=dict(kind="probe", source="synthetic_captions", split="test", holdout_pairs=0,
-                   train_split="train", num_examples=48, num_classes=64)))
+                       num_examples=24)))
+    if probe:
+        c.evals.probe = dict(kind="probe", source="synthetic_captions", split="test",
+                             holdout_pairs=0, train_split="train", num_examples=48,
+                             num_classes=64)
     c.checkpoint.best_metric = "zeroshot/top1"
     c.batch_size = 16
     c.eval_batch_size = 16
@@ -133,4 +136,57 @@ def smoke_clip(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.init_from = None
     if "init_towers" in c:
         c.init_towers = None
+    return c
+
+
+def clipa_config(*, image: str, text: str, embed_dim: int, arg: str | None,
+                 pretrain: dict, finetune: dict) -> ml_collections.ConfigDict:
+    """A CLIPA recipe (DESIGN.md §4) with a low-resolution pretrain stage and a full-resolution
+    finetune stage: `--config=configs/clipa_X.py:stage=pretrain|finetune[,init_from=RUN]
+    [,text_from=RUN][,shards=PATTERN][,tokenizer=FILE][,smoke]`.
+
+    pretrain / finetune: image_size, text_tokens, batch_size, lr, warmup_steps, samples."""
+    args = parse_arg(arg, stage="pretrain", init_from="", text_from="", shards="",
+                     tokenizer="", smoke=False)
+    if args.stage not in ("pretrain", "finetune"):
+        raise ValueError(f"config argument stage={args.stage!r}: 'pretrain' or 'finetune'")
+    stage = ml_collections.ConfigDict(pretrain if args.stage == "pretrain" else finetune)
+    c = base_config()
+    c.trainer = "contrastive"
+    c.loss = "infonce"
+    c.model = ml_collections.ConfigDict(dict(
+        image=image, image_overrides=dict(pool="gap", dtype="bfloat16", remat="dots"),
+        text=text, text_overrides=dict(dtype="bfloat16", vocab_size=32_000, eot_id=2, pad_id=0,
+                                       pool="eot"),
+        embed_dim=embed_dim))
+    c.data = ml_collections.ConfigDict(dict(
+        source="webdataset", shards=args.shards or None, tokenizer=args.tokenizer or None,
+        image_size=stage.image_size, context_length=32, text_tokens=stage.text_tokens,
+        text_reduction="truncate", crop_area=(0.4, 1.0), shuffle_buffer=10_000,
+        max_bad_fraction=0.2, num_workers=32))
+    c.image_reduction = ml_collections.ConfigDict(dict(strategy="none", keep=1.0))
+    c.evals = ml_collections.ConfigDict(dict(
+        imagenet_zeroshot=dict(kind="zeroshot", source="tfds", name="imagenet2012",
+                               split="validation", optional=True),
+        coco_retrieval=dict(kind="retrieval", source="tfds", name="coco_captions",
+                            split="val", optional=True)))
+    c.batch_size = stage.batch_size
+    c.eval_batch_size = 1024
+    c.total_steps = int(stage.samples) // stage.batch_size
+    c.optim.update(name="adamw", lr=stage.lr, b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.2,
+                   clip_norm=1.0, schedule="cosine", warmup_steps=stage.warmup_steps,
+                   total_steps=c.total_steps, end_lr=0.0)
+    c.log_every = 100
+    c.eval_every = 5000
+    c.checkpoint.update(every=1000, keep=2, keep_best=1, best_metric="imagenet_zeroshot/top1")
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    if args.stage == "finetune":
+        c.init_from = args.init_from or None  # the pretrain run: position embedding resized
+        c.reinit_head = False
+    if args.text_from:
+        # The CRATE-α-CLIPA recipe: a pretrained text tower, loaded and kept frozen.
+        c.init_towers = [dict(keys=["text", "text_proj"], **{"from": args.text_from})]
+        c.freeze = ["text", "text_proj"]
+    if args.smoke:
+        smoke_clip(c)
     return c

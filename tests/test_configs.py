@@ -7,7 +7,7 @@ import os
 import pytest
 from flax import nnx
 
-from crate_jax import models
+from crate_jax import models, tasks
 from crate_jax.train.loop import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,8 +23,8 @@ def load(path):
 
 def test_there_are_configs():
     names = {os.path.basename(p) for p in CONFIGS}
-    assert {"demo_classification.py", "crate_in1k.py", "crate_alpha_in21k.py",
-            "crate_alpha_in1k.py"} <= names
+    assert {"demo.py", "demo_classification.py", "crate_in1k.py", "crate_alpha_in21k.py",
+            "crate_alpha_in1k.py", "clipa_b16.py", "clipa_l14.py", "clipa_h14.py"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -32,11 +32,8 @@ def test_full_config_is_consistent(path):
     config = load(path).get_config(None)
     assert config.total_steps > 0 and config.optim.total_steps == config.total_steps
     assert config.optim.warmup_steps < config.total_steps
-    overrides = dict(config.model.get("overrides", {}))
-    if "data" in config:
-        overrides.setdefault("num_classes", config.data.num_classes)
-        overrides.setdefault("image_size", config.data.image_size)
-    abstract = nnx.eval_shape(lambda: models.create(config.model.name, **overrides))
+    task = tasks.get(config.trainer)(config)
+    abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
     assert models.count_params(abstract) > 0
 
 
@@ -51,3 +48,24 @@ def test_smoke(path, tmp_path):
 def test_unknown_config_argument_is_named():
     with pytest.raises(ValueError, match="'varient'"):
         load(os.path.join(ROOT, "configs", "crate_in1k.py")).get_config("varient=B")
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_clipa_h14_stages(stage):
+    config = load(os.path.join(ROOT, "configs", "clipa_h14.py")).get_config(f"stage={stage}")
+    assert config.model.image == "crate-alpha-h/14"
+    if stage == "pretrain":
+        assert (config.data.image_size, config.data.text_tokens) == (84, 8)
+        assert config.batch_size == 65_536 and config.optim.lr == 1.024e-3
+        assert config.batch_size * config.total_steps == pytest.approx(12.8e9, rel=1e-4)
+    else:
+        assert (config.data.image_size, config.data.text_tokens) == (224, 32)
+        assert config.batch_size == 16_384 and config.optim.warmup_steps == 800
+
+
+def test_clipa_needs_shards_and_tokenizer(tmp_path):
+    config = load(os.path.join(ROOT, "configs", "clipa_b16.py")).get_config("smoke")
+    config.data.source = "webdataset"
+    config.data.tokenizer = None
+    with pytest.raises(ValueError, match=r"data\.tokenizer"):
+        train_and_evaluate(config, str(tmp_path / "a"))

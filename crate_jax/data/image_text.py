@@ -36,7 +36,13 @@ def _load_tokenizer(spec: str | None) -> tokenizers.Tokenizer:
 
 
 def tokenizer_for(data: Any) -> tokenizers.Tokenizer:
-    return _load_tokenizer(data.get("tokenizer") or "bytes")
+    spec = data.get("tokenizer")
+    if not spec:
+        if data.source != "synthetic_captions":
+            raise ValueError("data.tokenizer: set a SentencePiece model file (train one with "
+                             "`python -m crate_jax.data.tokenizer train ...`) or 'bytes'")
+        spec = "bytes"
+    return _load_tokenizer(spec)
 
 
 def text_tokens(data: Any, captions: list[str], rng: np.random.Generator | None) -> np.ndarray:
@@ -84,6 +90,9 @@ def train_iterator(data: Any, *, batch_size: int, seed: int):
                                        num_workers=data.get("num_workers", 0))
     if data.source == "webdataset":
         from crate_jax.data.webdataset import WebDatasetReader
+        if not data.get("shards"):
+            raise ValueError("data.shards: set the tar shards, e.g. "
+                             "--config.data.shards='/data/datacomp/{00000..12799}.tar'")
         # Images are checked by the decode in _decode_pair, not decoded twice.
         reader = WebDatasetReader(data.shards, seed=seed,
                                   shuffle_buffer=data.get("shuffle_buffer", 0),
@@ -224,8 +233,9 @@ def eval_source(spec: Any, data: Any, split: str):
     if spec.source == "synthetic_captions":
         return _synthetic(data, split, spec.get("num_examples"), spec.get("holdout_pairs"))
     if spec.source == "tfds":
-        from crate_jax.data.images import image_source
         import ml_collections
+
+        from crate_jax.data.images import image_source
         tfds_cfg = ml_collections.ConfigDict(dict(source="tfds", name=spec.name,
                                                   data_dir=spec.get("data_dir")))
         return image_source(tfds_cfg, split)
@@ -234,7 +244,7 @@ def eval_source(spec: Any, data: Any, split: str):
 
 def eval_batches_factory(spec: Any, data: Any, batch_size: int, split: str | None = None):
     """A function returning a fresh pass of padded, masked eval batches for this spec."""
-    from crate_jax.data.images import to_pil, resize_center_crop
+    from crate_jax.data.images import resize_center_crop, to_pil
     split = split or spec.get("split", "test")
     source = eval_source(spec, data, split)
     if spec.kind == "retrieval":

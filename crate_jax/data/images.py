@@ -112,11 +112,19 @@ def resize_center_crop(image: Image.Image, size: int, crop_fraction: float = 0.8
 
 
 def train_transform(data: Any):
-    """example, rng -> {'image': uint8 (S, S, 3), 'label'} per data.train_augment."""
+    """example, rng -> {'image': uint8 (S, S, 3), 'label'}: data.train_augment ('inception_crop',
+    'flip' or 'none'), then data.randaugment = (num_ops, magnitude) and data.color_jitter =
+    strength when set, then a random horizontal flip (unless 'none')."""
+    from crate_jax.data import augment as aug
+
     size, augment = data.image_size, data.get("train_augment", "inception_crop")
     if augment not in ("inception_crop", "flip", "none"):
         raise ValueError(f"data.train_augment: {augment!r}; use 'inception_crop', 'flip' "
                          "or 'none'")
+    randaugment = data.get("randaugment")
+    if randaugment is not None and len(randaugment) != 2:
+        raise ValueError(f"data.randaugment: (num_ops, magnitude), got {randaugment!r}")
+    jitter = data.get("color_jitter", 0.0) or 0.0
 
     def transform(example: dict, rng: np.random.Generator) -> dict:
         image = to_pil(example["image"])
@@ -124,6 +132,11 @@ def train_transform(data: Any):
             image = inception_crop(image, rng, size)
         elif image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
+        if randaugment is not None:
+            image = aug.randaugment(image, rng, *randaugment)
+        if jitter:
+            image = aug.color_jitter(image, rng, brightness=jitter, contrast=jitter,
+                                     saturation=jitter)
         array = np.asarray(image, np.uint8)
         if augment != "none" and rng.random() < 0.5:
             array = array[:, ::-1]

@@ -86,7 +86,10 @@ class ZeroShotEvaluator(Evaluator):
         self._texts = Embedder(lambda m, b: m.encode_text(b["tokens"]))
 
     def class_embeddings(self, graphdef, params, rest, mesh) -> np.ndarray:
-        prompts = [t.format(c) for c in self.class_names for t in self.templates]
+        """(C, e) for the scored classes (all, or eval_classes)."""
+        names = (self.class_names if self.eval_classes is None
+                 else [self.class_names[i] for i in self.eval_classes])
+        prompts = [t.format(c) for c in names for t in self.templates]
         tokens = self.tokenize(prompts)
         n_dev = mesh.size
         size = -(-self.text_batch // n_dev) * n_dev
@@ -100,7 +103,7 @@ class ZeroShotEvaluator(Evaluator):
                 yield {"tokens": np.concatenate([chunk, pad]), "mask": mask}
 
         emb, _ = self._texts(graphdef, params, rest, mesh, batches())
-        emb = emb.reshape(len(self.class_names), len(self.templates), -1)
+        emb = emb.reshape(len(names), len(self.templates), -1)
         emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
         mean = emb.mean(1)
         return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
@@ -112,7 +115,6 @@ class ZeroShotEvaluator(Evaluator):
         labels = extra["label"].astype(np.int64)
         logits = images @ classes.T
         if self.eval_classes is not None:
-            logits = logits[:, self.eval_classes]
             lookup = {c: i for i, c in enumerate(self.eval_classes.tolist())}
             labels = np.array([lookup[int(c)] for c in labels])
         return {f"{self.name}/top1": topk_accuracy(logits, labels, 1),
@@ -163,7 +165,8 @@ def knn_accuracy(train_x, train_y, test_x, test_y, *, k: int = 20, temperature: 
     """Weighted k-NN on cosine similarity: class score Σ_top-k exp(sim/τ)."""
     sim = test_x @ train_x.T
     idx = np.argsort(-sim, axis=1)[:, :k]
-    weights = np.exp(np.take_along_axis(sim, idx, axis=1) / temperature)
+    top = np.take_along_axis(sim, idx, axis=1) / temperature
+    weights = np.exp(top - top.max(axis=1, keepdims=True))  # the same vote, without overflow
     scores = np.zeros((len(test_x), num_classes))
     np.add.at(scores, (np.repeat(np.arange(len(test_x)), idx.shape[1]), train_y[idx].ravel()),
               weights.ravel())

@@ -9,6 +9,8 @@ no update; a tower can start from another run's checkpoint (config.init_towers).
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,10 +34,11 @@ class ContrastiveTask(Task):
         image_overrides = {"image_size": data.image_size, **dict(m.get("image_overrides", {}))}
         text_overrides = {"context_length": data.context_length,
                           **dict(m.get("text_overrides", {}))}
-        tokenizer = image_text.tokenizer_for(data)
-        text_overrides.setdefault("vocab_size", tokenizer.vocab_size)
-        text_overrides.setdefault("eot_id", tokenizer.eot_id)
-        text_overrides.setdefault("pad_id", tokenizer.pad_id)
+        if not {"vocab_size", "eot_id", "pad_id"} <= set(text_overrides):
+            tokenizer = image_text.tokenizer_for(data)
+            text_overrides.setdefault("vocab_size", tokenizer.vocab_size)
+            text_overrides.setdefault("eot_id", tokenizer.eot_id)
+            text_overrides.setdefault("pad_id", tokenizer.pad_id)
         return ClipConfig(image=m.image, image_overrides=image_overrides, text=m.text,
                           text_overrides=text_overrides, embed_dim=m.embed_dim,
                           logit_bias_init=-10.0 if self.config.loss == "sigmoid" else 0.0)
@@ -53,6 +56,16 @@ class ContrastiveTask(Task):
         return normalize(batch["image"], data.get("mean", CLIP_MEAN), data.get("std", CLIP_STD))
 
     def train_data(self, batch_size: int, seed: int):
+        tokenizer = image_text.tokenizer_for(self.config.data)
+        text = self.model_config().text_overrides
+        mismatch = {k: (getattr(tokenizer, k), text[k]) for k in ("eot_id", "pad_id")
+                    if getattr(tokenizer, k) != text[k]}
+        if tokenizer.vocab_size > text["vocab_size"] or mismatch:
+            raise ValueError(
+                f"data.tokenizer has vocab_size {tokenizer.vocab_size}, eot/pad ids "
+                f"{tokenizer.eot_id}/{tokenizer.pad_id}, which the text tower "
+                f"(model.text_overrides: vocab_size {text['vocab_size']}, eot_id "
+                f"{text['eot_id']}, pad_id {text['pad_id']}) does not match")
         return image_text.train_iterator(self.config.data, batch_size=batch_size, seed=seed)
 
     def loss(self, model, batch, rng):
@@ -82,7 +95,13 @@ class ContrastiveTask(Task):
 
         out = []
         for name, spec in specs.items():
-            batches = image_text.eval_batches_factory(spec, data, per_process)
+            try:
+                batches = image_text.eval_batches_factory(spec, data, per_process)
+            except FileNotFoundError as e:
+                if not spec.get("optional", False):
+                    raise
+                logging.warning("evals.%s skipped: %s", name, e)
+                continue
             if spec.kind == "zeroshot":
                 class_names, eval_classes = image_text.class_names(spec)
                 out.append(clip_evals.ZeroShotEvaluator(

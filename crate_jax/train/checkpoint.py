@@ -59,6 +59,15 @@ class DataStateRestore(ocp.args.CheckpointArgs):
     iterator: Any
 
 
+def _int_keys(tree: Any) -> Any:
+    """Digit-string dict keys back to ints: orbax restores the layer indices of
+    nnx.to_pure_dict trees ('encoder/layers/0/...') as strings when no target gives them."""
+    if not isinstance(tree, dict):
+        return tree
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v)
+            for k, v in tree.items()}
+
+
 class Checkpointer:
     """The run's checkpoints in `directory` (usually WORKDIR/checkpoints)."""
 
@@ -114,7 +123,7 @@ class Checkpointer:
                               dict(saved))
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target)))
-        return restored["state"]["params"]
+        return _int_keys(restored["state"]["params"])
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -42,7 +42,7 @@ from crate_jax.parallel.sharding import data_parallel_size
 from crate_jax.train import optim
 from crate_jax.train.checkpoint import Checkpointer
 from crate_jax.train.metrics import MetricWriter, Throughput, progress_line
-from crate_jax.train.step import make_train_step
+from crate_jax.train.step import make_train_step, split_frozen
 
 # Settings that may change when a run resumes; any other difference is an error.
 RESUME_SAFE_KEYS = ("log_every", "eval_every", "save_every", "profile", "wandb_project",
@@ -142,6 +142,29 @@ def _finetune_params(config, params, shardings, mesh) -> dict:
     return jax.device_put(adapted, shardings)
 
 
+def _load_towers(specs, params, shardings, mesh) -> dict:
+    """Copy whole top-level parameter groups (e.g. 'text', 'text_proj') from other runs:
+    config.init_towers = [{'from': RUN_OR_CHECKPOINT_DIR, 'keys': ['text', 'text_proj']}]."""
+    params = dict(params)
+    for spec in specs:
+        source = epath.Path(spec["from"])
+        directory = source / "checkpoints" if (source / "checkpoints").exists() else source
+        loaded = jax.device_get(Checkpointer(directory, async_save=False).restore_params(
+            spec.get("step"), replicated(mesh)))
+        for key in spec["keys"]:
+            if key not in loaded:
+                raise ValueError(f"init_towers: {directory} has no parameter group {key!r}; "
+                                 f"it has {sorted(loaded)}")
+            want = jax.tree.map(lambda x: x.shape, params[key])
+            got = jax.tree.map(lambda x: x.shape, loaded[key])
+            if want != got:
+                raise ValueError(f"init_towers: {key!r} from {directory} has other shapes than "
+                                 "this model's (a different size or context length)")
+            params[key] = jax.device_put(loaded[key], shardings[key])
+            logging.info("init_towers: %s loaded from %s", key, directory)
+    return params
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train (or resume) the task in `config` in `workdir`; returns the final metrics."""
     maybe_initialize_distributed()
@@ -169,9 +192,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             return nnx.to_pure_dict(params), rest
 
         params, rest = jax.jit(init, out_shardings=(p_shard, replicated(mesh)))()
-        tx = optim.make_optimizer(config.optim, params, num_layers=task.num_layers())
-        abstract_opt = jax.eval_shape(tx.init, params)
-        opt_shard = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_shard,
+        frozen = tuple(config.get("freeze") or ())
+        trainable, _ = split_frozen(params, frozen)
+        tx = optim.make_optimizer(config.optim, trainable, num_layers=task.num_layers())
+        abstract_opt = jax.eval_shape(tx.init, trainable)
+        opt_shard = optax.tree_map_params(tx, lambda _, s: s, abstract_opt,
+                                          split_frozen(p_shard, frozen)[0],
                                           transform_non_params=lambda _: replicated(mesh))
         state_shard = {"step": replicated(mesh), "params": p_shard, "opt_state": opt_shard}
 
@@ -184,7 +210,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         start = checkpointer.latest_step()
         if start is None and config.get("init_from"):
             params = _finetune_params(config, params, p_shard, mesh)
-        opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
+        if start is None and config.get("init_towers"):
+            params = _load_towers(config.init_towers, params, p_shard, mesh)
+        opt_state = jax.jit(tx.init, out_shardings=opt_shard)(split_frozen(params, frozen)[0])
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
 
         train_iter = task.train_data(local_batch, seed=config.seed)
@@ -199,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # --- the step, compiled ahead of time ---
         schedule = optim.make_schedule(config.optim)
         step_fn = make_train_step(task.loss, graphdef, tx, schedule, seed=config.seed,
-                                  accum_steps=config.get("grad_accum_steps", 1))
+                                  accum_steps=config.get("grad_accum_steps", 1), frozen=frozen)
         b_shard = batch_sharding(mesh, rules)
         train_step = jax.jit(step_fn, in_shardings=(state_shard, replicated(mesh), b_shard),
                              out_shardings=(state_shard, replicated(mesh)),
@@ -269,6 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                         _check_finite(values, done, checkpointer)
                         values.update(throughput.measure(done))
+                        if hasattr(train_iter, "metrics"):  # bad-data counts, for example
+                            values.update(train_iter.metrics())
                         writer.write(done, values)
                         if jax.process_index() == 0:
                             print(progress_line(done, total_steps, values), flush=True)

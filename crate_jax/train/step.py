@@ -41,38 +41,57 @@ def split_microbatches(batch: dict, accum_steps: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, seed: int, accum_steps: int = 1):
-    """train_step(state, rest, batch) -> (state, metrics), to be jitted by the caller."""
+def split_frozen(params: dict, frozen: tuple[str, ...]) -> tuple[dict, dict]:
+    """(trainable, frozen) top-level parts of the parameter dict."""
+    unknown = sorted(set(frozen) - set(params))
+    if unknown:
+        raise ValueError(f"freeze: {unknown} are not top-level parameter groups; the groups are "
+                         f"{sorted(params)}")
+    return ({k: v for k, v in params.items() if k not in frozen},
+            {k: v for k, v in params.items() if k in frozen})
 
-    def loss_of_params(params, rest, batch, rng):
-        model = merge_model(graphdef, params, rest, train=True, rng=rng)
+
+def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, seed: int, accum_steps: int = 1,
+                    frozen: tuple[str, ...] = ()):
+    """train_step(state, rest, batch) -> (state, metrics), to be jitted by the caller.
+
+    `frozen` top-level parameter groups (e.g. a pretrained text tower) get no gradient, no
+    update and no optimizer state; `tx` works on the trainable part only."""
+
+    def loss_of_params(trainable, fixed, rest, batch, rng):
+        model = merge_model(graphdef, {**trainable, **fixed}, rest, train=True, rng=rng)
         return loss(model, batch, rng)
 
-    grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
+    value_and_grad = jax.value_and_grad(loss_of_params, has_aux=True)
 
     def train_step(state: dict[str, Any], rest: nnx.State, batch: dict):
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+        trainable, fixed = split_frozen(state["params"], frozen)
+
+        def grad_fn(trainable, rest, batch, rng):
+            return value_and_grad(trainable, fixed, rest, batch, rng)
+
         if accum_steps == 1:
-            (loss_value, aux), grads = grad_fn(state["params"], rest, batch, rng)
+            (loss_value, aux), grads = grad_fn(trainable, rest, batch, rng)
         else:
             micro_batches = split_microbatches(batch, accum_steps)
 
             def accumulate(carry, xs):
                 index, micro_batch = xs
-                (loss_i, aux_i), grads_i = grad_fn(state["params"], rest, micro_batch,
+                (loss_i, aux_i), grads_i = grad_fn(trainable, rest, micro_batch,
                                                    jax.random.fold_in(rng, index))
                 return jax.tree.map(jnp.add, carry, (loss_i, aux_i, grads_i)), None
 
             first = jax.tree.map(lambda x: x[0], micro_batches)
-            (l0, a0), g0 = jax.eval_shape(grad_fn, state["params"], rest, first, rng)
+            (l0, a0), g0 = jax.eval_shape(grad_fn, trainable, rest, first, rng)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
             sums, _ = jax.lax.scan(accumulate, zeros,
                                    (jnp.arange(accum_steps), micro_batches))
             # every micro-batch loss is a mean over the same number of rows
             loss_value, aux, grads = jax.tree.map(lambda x: x / accum_steps, sums)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        params = {**optax.apply_updates(trainable, updates), **fixed}
         metrics = {"train/loss": loss_value, "train/grad_norm": optax.tree.norm(grads),
                    "train/lr": schedule(state["step"]),
                    **{f"train/{k}": v for k, v in aux.items()}}

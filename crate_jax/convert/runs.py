@@ -1,0 +1,129 @@
+"""Imported weights as a run directory the trainer and the analysis tools read, and back.
+
+An import writes OUT as a training run would leave it:
+
+    OUT/checkpoints/0/state   {'step': 0, 'params': ..., 'opt_state': {}}   (orbax, via
+                              crate_jax.train.checkpoint.Checkpointer)
+    OUT/checkpoints/0/data    an empty data-iterator state
+    OUT/config.json           {'trainer': 'classification', 'model': {'name', 'overrides'},
+                               'data': {'num_classes', 'image_size'}, 'converted_from': {...}}
+
+so that `config.init_from=OUT` finetunes from it (the trainer only restores the parameters of
+`init_from`) and `crate_jax.train.loop.final_params(OUT)` returns them. `model.overrides` holds
+everything but num_classes and image_size, which sit in `data` where a classification config
+keeps them (the classification task passes them to the model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crate_jax import models
+from crate_jax.convert.importers import ConversionError, Imported
+from crate_jax.models.config import VisionConfig
+
+__all__ = ["load_run", "run_config", "write_run"]
+
+DATA_FIELDS = ("num_classes", "image_size")
+
+
+class _NoData:
+    """The data-iterator slot of a checkpoint that no data iterator produced."""
+
+    def get_state(self) -> dict[str, Any]:
+        return {}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        del state
+
+
+def run_config(imported: Imported, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config.json of an imported checkpoint."""
+    overrides = {k: v for k, v in imported.overrides.items() if k not in DATA_FIELDS}
+    cfg = imported.config()
+    return {
+        "trainer": "classification",
+        "model": {"name": imported.name, "overrides": overrides},
+        "data": {"num_classes": cfg.num_classes, "image_size": cfg.image_size},
+        "converted_from": {**(source or {}), "notes": list(imported.notes)},
+    }
+
+
+def write_run(out: str | os.PathLike, imported: Imported,
+              source: dict[str, Any] | None = None) -> Path:
+    """Write `imported` as the run directory `out` (see the module docstring); `out` must not
+    hold a checkpoint or config.json already. Returns the path of the checkpoint directory."""
+    from crate_jax.train.checkpoint import Checkpointer
+
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    if (out / "config.json").exists() or (ckpt_dir.exists() and any(ckpt_dir.iterdir())):
+        raise FileExistsError(f"{out} already holds a run (config.json or checkpoints/); "
+                              "choose a new output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    params = jax.tree.map(np.asarray, imported.params)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": {}}
+    checkpointer = Checkpointer(ckpt_dir, keep=1, keep_best=0, async_save=False)
+    try:
+        checkpointer.save(0, state, _NoData())
+    finally:
+        checkpointer.close()
+    (out / "config.json").write_text(json.dumps(run_config(imported, source), indent=2,
+                                                sort_keys=True))
+    return ckpt_dir
+
+
+def _checkpoint_dir(path: Path) -> tuple[Path, int | None, Path | None]:
+    """(checkpoint directory, step or None, directory that may hold config.json)."""
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None, path
+    if (path / "state").is_dir() and path.name.isdigit():  # one step directory
+        return path.parent, int(path.name), path.parent.parent
+    if any(p.name.isdigit() and p.is_dir() for p in path.iterdir()):
+        return path, None, path.parent
+    raise FileNotFoundError(f"{path}: neither a run directory (with checkpoints/), a checkpoint "
+                            "directory (with numbered steps) nor one step directory")
+
+
+def load_run(path: str | os.PathLike, step: int | None = None
+             ) -> tuple[dict[str, Any], VisionConfig | None, str | None]:
+    """(params as NumPy, the model config or None, the model name or None) of a run directory,
+    a checkpoint directory or one step directory. The config comes from the run's config.json
+    (model.name + model.overrides, with data.num_classes / data.image_size as the
+    classification task applies them); without one it is None."""
+    from crate_jax.train.checkpoint import Checkpointer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such run or checkpoint directory")
+    ckpt_dir, dir_step, config_dir = _checkpoint_dir(path)
+    step = dir_step if step is None else step
+    checkpointer = Checkpointer(ckpt_dir, async_save=False)
+    try:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        params = jax.device_get(checkpointer.restore_params(step, sharding))
+    finally:
+        checkpointer.close()
+    cfg, name = None, None
+    config_file = config_dir / "config.json" if config_dir is not None else None
+    if config_file is not None and config_file.exists():
+        config = json.loads(config_file.read_text())
+        model = config.get("model") or {}
+        name = model.get("name")
+        if not name:
+            raise ConversionError(f"{config_file}: no model.name (only single image models can "
+                                  "be exported)")
+        overrides = dict(model.get("overrides") or {})
+        data = config.get("data") or {}
+        for field in DATA_FIELDS:
+            if field in data and data[field] is not None:
+                overrides.setdefault(field, data[field])
+        cfg = models.config_for(name, **overrides)
+    return params, cfg, name

@@ -1,0 +1,200 @@
+"""CLIPA: the global-batch losses on 8 fake devices against NumPy, token reduction, the CLIP
+model, evaluator metrics, frozen and loaded towers, and training from webdataset shards."""
+
+import io
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from crate_jax import config_utils, parallel
+from crate_jax.data import image_text
+from crate_jax.evals import clip as clip_evals
+from crate_jax.models.clip import CLIP, ClipConfig
+from crate_jax.tasks import token_reduction
+from crate_jax.tasks.contrastive_loss import contrastive_loss
+from crate_jax.train.loop import final_params, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _embeddings(n=16, e=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(n, e)), rng.normal(size=(n, e))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    return x, y
+
+
+def _numpy_loss(x, y, scale, bias, kind):
+    logits = scale * x @ y.T
+    if kind == "infonce":
+        def ce(m):
+            m = m - m.max(1, keepdims=True)
+            return -(np.diag(m) - np.log(np.exp(m).sum(1)))
+        return 0.5 * (ce(logits).mean() + ce(logits.T).mean())
+    z = 2 * np.eye(len(x)) - 1
+    return -np.log(1 / (1 + np.exp(-z * (logits + bias)))).sum() / len(x)
+
+
+@pytest.mark.parametrize("kind", ["infonce", "sigmoid"])
+def test_global_batch_loss_and_gradients_on_8_devices(kind):
+    x, y = _embeddings()
+    want = _numpy_loss(x, y, 10.0, -2.0, kind)
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    grad = jax.value_and_grad(lambda *a: contrastive_loss(*a, kind=kind), argnums=(0, 1, 2, 3))
+    single_loss, single_grads = grad(x, y, 10.0, -2.0)
+    np.testing.assert_allclose(single_loss, want, rtol=1e-5)
+    for shape in ({"data": 8}, {"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 2}):
+        mesh = parallel.make_mesh(shape)
+        with jax.set_mesh(mesh):
+            xs, ys = (jax.device_put(a, parallel.batch_sharding(mesh)) for a in (x, y))
+            loss, grads = jax.jit(grad)(xs, ys, 10.0, -2.0)
+        np.testing.assert_allclose(loss, single_loss, rtol=1e-6)
+        for a, b in zip(grads, single_grads, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_memory_is_linear_in_devices():
+    """Per-device logits are (B/n) × B: the compiled sharded loss never holds B × B."""
+    mesh = parallel.make_mesh({"data": 8})
+    x = jax.ShapeDtypeStruct((64, 8), jnp.float32, sharding=parallel.batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(lambda x, y: contrastive_loss(x, y, 1.0)).lower(x, x).compile().as_text()
+    assert "f32[8,64]" in hlo and "f32[64,64]" not in hlo
+
+
+@pytest.mark.parametrize("strategy,keep,count", [
+    ("random", 0.5, 32), ("grid", 0.25, 16), ("block", 0.25, 16)])
+def test_token_reduction(strategy, keep, count):
+    idx = np.asarray(token_reduction.patch_keep_indices(jax.random.key(0), 4, 8, keep, strategy))
+    assert idx.shape == (4, count) and idx.min() >= 0 and idx.max() < 64
+    for row in idx:
+        assert len(set(row)) == count and (np.diff(row) > 0).all()
+        r, c = row // 8, row % 8
+        if strategy == "grid":  # every other row and column, one offset per image
+            assert len(set(r % 2)) == 1 and len(set(c % 2)) == 1 and len(set(r)) == 4
+        if strategy == "block":  # a contiguous 4 × 4 square
+            assert r.max() - r.min() == 3 and c.max() - c.min() == 3
+    assert token_reduction.patch_keep_indices(jax.random.key(0), 4, 8, 1.0, "random") is None
+    with pytest.raises(ValueError, match="strategy"):
+        token_reduction.patch_keep_indices(jax.random.key(0), 4, 8, 0.5, "zigzag")
+
+
+def test_clip_model_embeddings_and_temperature_clip():
+    cfg = ClipConfig(image="crate-alpha-ti/8", image_overrides=dict(width=32, depth=1, heads=2,
+                                                                    image_size=16),
+                     text="text-ti", text_overrides=dict(width=32, depth=1, heads=2,
+                                                         vocab_size=50, eot_id=2,
+                                                         context_length=8),
+                     embed_dim=16)
+    model = CLIP(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.array([[5, 6, 2, 0, 0, 0, 0, 0]] * 3)
+    u, v, scale, bias = model(jnp.ones((3, 16, 16, 3)), tokens)
+    assert bias == 0.0
+    assert u.shape == v.shape == (3, 16)
+    np.testing.assert_allclose(np.linalg.norm(u, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(scale, 1 / 0.07, rtol=1e-5)
+    model.logit_scale[...] = jnp.asarray(10.0)
+    np.testing.assert_allclose(model.scale(), 100.0, rtol=1e-5)  # clipped at log(100)
+
+
+def test_retrieval_recall_and_probes():
+    # 3 images, 5 captions; caption j describes image caption_image[j]
+    caption_image = np.array([0, 0, 1, 2, 2])
+    sim = np.array([[0.9, 0.1, 0.8, 0.0, 0.2],   # image 0: best caption 0 (its own)
+                    [0.2, 0.3, 0.1, 0.9, 0.0],   # image 1: best caption 3 (image 2's)
+                    [0.1, 0.2, 0.3, 0.4, 0.8]])  # image 2: best caption 4 (its own)
+    r = clip_evals.retrieval_recall(sim, caption_image, ks=(1, 2))
+    assert r["i2t_R@1"] == pytest.approx(2 / 3)
+    # captions' best images: 0→0 ✓, 1→1 ✗, 2→0 ✗, 3→1 ✗, 4→2 ✓
+    assert r["t2i_R@1"] == pytest.approx(2 / 5)
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 6)) * 3
+    y = rng.integers(0, 4, 200)
+    x = centers[y] + rng.normal(size=(200, 6)) * 0.3
+    assert clip_evals.knn_accuracy(x[:150], y[:150], x[150:], y[150:], num_classes=4) > 0.95
+    assert clip_evals.linear_probe_accuracy(x[:150], y[:150], x[150:], y[150:],
+                                            num_classes=4) > 0.95
+    assert "{}" in clip_evals.read_templates()[0]
+    assert len(clip_evals.imagenet_class_names()) == 1000
+
+
+def _demo_smoke(**updates) -> ml_collections.ConfigDict:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "configs",
+                                                                       "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("smoke")
+    c.checkpoint.async_save = False
+    c.evals = ml_collections.ConfigDict()
+    c.update(updates)
+    return c
+
+
+def test_frozen_tower_is_loaded_and_not_trained(tmp_path):
+    train_and_evaluate(_demo_smoke(), str(tmp_path / "donor"))
+    donor = final_params(str(tmp_path / "donor"))
+    config = _demo_smoke(seed=5)
+    config.init_towers = [{"from": str(tmp_path / "donor"), "keys": ["text", "text_proj"]}]
+    config.freeze = ["text", "text_proj"]
+    train_and_evaluate(config, str(tmp_path / "frozen"))
+    after = final_params(str(tmp_path / "frozen"))
+    for key in ("text", "text_proj"):
+        for a, b in zip(jax.tree.leaves(after[key]), jax.tree.leaves(donor[key]), strict=True):
+            np.testing.assert_array_equal(a, b)
+    fresh = final_params(str(tmp_path / "donor"))
+    assert not np.array_equal(after["image"]["stem"]["kernel"], fresh["image"]["stem"]["kernel"])
+
+
+def _write_caption_shards(directory, n=96, per_shard=24):
+    from crate_jax.data.synthetic import ShapesCaptions
+    from crate_jax.data.webdataset import write_shards
+    source = ShapesCaptions("train", num_examples=n, image_size=32)
+
+    def samples():
+        for i in range(n):
+            example = source[i]
+            buffer = io.BytesIO()
+            Image.fromarray(example["image"]).save(buffer, format="JPEG", quality=90)
+            yield {"key": f"{i:06d}", "image": buffer.getvalue(), "caption": example["caption"]}
+    return write_shards(str(directory), samples(), per_shard)
+
+
+def test_image_text_batches_resume_exactly(tmp_path):
+    shards = _write_caption_shards(tmp_path)
+    data = ml_collections.ConfigDict(dict(source="webdataset", shards=shards, tokenizer="bytes",
+                                          image_size=16, context_length=48, text_tokens=24,
+                                          text_reduction="block", num_workers=2))
+    it = image_text.train_iterator(data, batch_size=8, seed=1)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(6)]
+    it.close()
+    again = image_text.train_iterator(data, batch_size=8, seed=1)
+    again.set_state(state)
+    got = [next(again) for _ in range(6)]
+    again.close()
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    assert want[0]["image"].shape == (8, 16, 16, 3) and want[0]["tokens"].shape == (8, 24)
+
+
+def test_contrastive_training_from_webdataset_shards(tmp_path):
+    shards = _write_caption_shards(tmp_path / "shards")
+    config = _demo_smoke()
+    config.data.update(source="webdataset", shards=shards, tokenizer="bytes", num_workers=2)
+    config.image_reduction = config_utils.ml_collections.ConfigDict(dict(strategy="grid",
+                                                                         keep=0.25))
+    final = train_and_evaluate(config, str(tmp_path / "run"))
+    assert final["step"] == config.total_steps
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"data/bad_images"' in lines

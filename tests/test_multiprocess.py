@@ -1,0 +1,267 @@
+"""The multi-host path on one machine: 2 processes × 4 fake CPU devices joined by jax.distributed
+(launch/local/multiprocess.sh) train the demo config, and match 1 process × 8 devices.
+
+What is compared, and why not the plain 1-process run: each process reads its own strided part
+of the source (`source[process_index::process_count]`), shuffled with the same seed, and the
+global batch is assembled from the processes' rows. With the current pipeline the SET of
+examples in a global batch therefore depends on the process count (see
+`test_global_batches_do_not_depend_on_the_process_count`, an expected failure that describes
+the change crate_jax/data/pipeline.py needs), so the losses of a 2-process and a plain
+1-process run differ from the first step. The reference here is a 1-process × 8-device run of
+the same config whose data iterator yields exactly the global batches the 2-process run
+assembles (the processes' iterators, concatenated in process order); everything else —
+model, step, sharding, optimizer, evaluation, checkpoints — is the unmodified code.
+
+Both runs use `--xla_backend_optimization_level=0` (same numerics in both, about half the CPU
+compile time). The test takes about 45 s on the 2-core development machine.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "launch", "local", "multiprocess.sh")
+DEMO = os.path.join(ROOT, "configs", "demo_classification.py")
+PROCESSES, DEVICES = 2, 4
+STEPS = 6
+OVERRIDES = (f"--config.total_steps={STEPS}", f"--config.optim.total_steps={STEPS}",
+             "--config.checkpoint.async_save=False", "--config.measure_flops=False",
+             "--config.tensorboard=False")
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+TIMEOUT = 150
+
+
+class _Concatenated:
+    """The global batches of a multi-process run, from one process: the per-process iterators'
+    batches concatenated in process order (the order of their rows in the global array)."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batches = [next(part) for part in self.parts]
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def get_state(self):
+        return {"parts": [part.get_state() for part in self.parts]}
+
+    def set_state(self, state):
+        for part, s in zip(self.parts, state["parts"], strict=True):
+            part.set_state(s)
+
+
+def emulate_processes(processes: int) -> None:
+    """Make crate_jax.data.pipeline.train_iterator (in this process) yield the global batches
+    that a run with `processes` processes assembles."""
+    from crate_jax.data import pipeline
+
+    original = pipeline.train_iterator
+
+    def train_iterator(source, *, batch_size, seed, transform, num_workers=0, prefetch=4,
+                       process=None):
+        assert process is None and batch_size % processes == 0
+        return _Concatenated([
+            original(source, batch_size=batch_size // processes, seed=seed, transform=transform,
+                     num_workers=num_workers, prefetch=prefetch, process=(i, processes))
+            for i in range(processes)])
+
+    pipeline.train_iterator = train_iterator
+
+
+def _env(**updates) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                                "SLURM_", "OMPI_", "CRATE_"))}
+    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **updates)
+    return env
+
+
+def _metrics(workdir) -> dict[int, dict]:
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    out: dict[int, dict] = {}
+    for row in rows:
+        out.setdefault(row["step"], {}).update(row)
+    return out
+
+
+def _target_state(config, mesh):
+    """Abstract train state (shapes, dtypes, shardings on `mesh`) of `config`, as the loop
+    builds it."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from crate_jax import parallel, tasks
+    from crate_jax.train import optim
+
+    task = tasks.get(config.trainer)(config)
+    abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
+    _, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
+    p_shard = parallel.param_shardings(abstract_params, mesh)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nnx.to_pure_dict(abstract_params), p_shard)
+    tx = optim.make_optimizer(config.optim, params, num_layers=task.num_layers())
+    abstract_opt = jax.eval_shape(tx.init, params)
+    opt_shard = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_shard,
+                                      transform_non_params=lambda _: parallel.replicated(mesh))
+    opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       abstract_opt, opt_shard)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(mesh))
+    return {"step": step, "params": params, "opt_state": opt}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The 2-process run and its 1-process reference, started together (about 45 s)."""
+    base = tmp_path_factory.mktemp("multiprocess")
+    multi, single = base / "two_processes", base / "one_process"
+    args = [f"--config={DEMO}:smoke", *OVERRIDES]
+    multi_proc = subprocess.Popen(
+        ["bash", SCRIPT, f"--processes={PROCESSES}", f"--devices={DEVICES}", "--no-follow",
+         f"--python={sys.executable}", f"--timeout={TIMEOUT - 10}", "--",
+         *args, f"--workdir={multi}"],
+        cwd=ROOT, env=_env(XLA_FLAGS=FAST_COMPILE), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    single_proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), str(PROCESSES), *args,
+         f"--workdir={single}"],
+        cwd=ROOT, env=_env(XLA_FLAGS=(f"--xla_force_host_platform_device_count="
+                                      f"{PROCESSES * DEVICES} {FAST_COMPILE}")),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        multi_out, _ = multi_proc.communicate(timeout=TIMEOUT)
+        single_out, _ = single_proc.communicate(timeout=TIMEOUT)
+    finally:
+        for proc in (multi_proc, single_proc):
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    logs = "".join(f"\n--- process {i} ---\n" + (multi / "logs" / f"process_{i}.log").read_text()
+                   [-3000:] for i in range(PROCESSES) if (multi / "logs" / f"process_{i}.log")
+                   .exists())
+    assert multi_proc.returncode == 0, multi_out + logs
+    assert single_proc.returncode == 0, single_out[-5000:]
+    return multi, single
+
+
+def test_two_processes_match_one_process_on_the_same_global_batches(runs):
+    multi, single = runs
+    config = json.loads((multi / "config.json").read_text())
+    assert config["batch_size"] == 16 and config["mesh"]["fsdp"] == -1
+    logs = [(multi / "logs" / f"process_{i}.log").read_text() for i in range(PROCESSES)]
+    for i, log in enumerate(logs):
+        assert f"jax.distributed: process {i} of 2, 4 local / 8 global devices" in log, log[-2000:]
+    m, s = _metrics(multi), _metrics(single)
+    logged = sorted(k for k, v in m.items() if "train/loss" in v)
+    assert logged == [2, 4, 6] and sorted(k for k, v in s.items() if "train/loss" in v) == logged
+    for step in logged:
+        for key in ("train/loss", "train/grad_norm", "train/accuracy", "train/lr"):
+            np.testing.assert_allclose(m[step][key], s[step][key], rtol=1e-5,
+                                       err_msg=f"{key} at step {step}")
+    # evaluation over the whole split: each process reads every other example, padded
+    assert m[STEPS]["val/count"] == s[STEPS]["val/count"] == 40
+    np.testing.assert_allclose(m[STEPS]["val/loss"], s[STEPS]["val/loss"], rtol=1e-5)
+    assert m[STEPS]["val/top1"] == s[STEPS]["val/top1"]
+
+
+def test_checkpoint_of_two_processes_restores_in_one(runs):
+    """Every process wrote its shards (and its data position); one process restores the
+    parameters, and the whole state onto an 8-device mesh, equal to the reference run's."""
+    import jax
+    from etils import epath
+
+    from crate_jax import parallel
+    from crate_jax.train.checkpoint import Checkpointer
+    from crate_jax.train.loop import final_params
+
+    multi, single = runs
+    step_dir = multi / "checkpoints" / str(STEPS)
+    assert sorted(p.name for p in (step_dir / "data").glob("process_*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    assert sorted(p.name for p in (step_dir / "state").glob("ocdbt.process_*")) == [
+        "ocdbt.process_0", "ocdbt.process_1"]
+
+    restored, reference = final_params(str(multi)), final_params(str(single))
+    flat_r, flat_s = jax.tree.leaves(restored), jax.tree.leaves(reference)
+    assert len(flat_r) == len(flat_s) > 0
+    for a, b in zip(flat_r, flat_s, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import demo_classification
+
+    config = demo_classification.get_config("smoke")
+    mesh = parallel.make_mesh({"fsdp": -1}, devices=jax.devices()[:8])
+    target = _target_state(config, mesh)
+    state = Checkpointer(epath.Path(multi) / "checkpoints", async_save=False).restore(
+        STEPS, target, None)
+    ref = Checkpointer(epath.Path(single) / "checkpoints", async_save=False).restore(
+        STEPS, target, None)
+    assert int(state["step"]) == STEPS
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref), strict=True):
+        assert a.sharding.mesh.devices.size == 8
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+class _IndexSource:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"index": np.int32(i)}
+
+
+def _identity(example, rng):
+    return example
+
+
+def _indices(process_count, steps, n=64, batch=16):
+    from crate_jax.data import pipeline
+
+    its = [pipeline.train_iterator(_IndexSource(n), batch_size=batch // process_count, seed=0,
+                                   transform=_identity, process=(p, process_count))
+           for p in range(process_count)]
+    return [np.concatenate([next(it)["index"] for it in its]) for _ in range(steps)]
+
+
+def test_every_example_once_per_epoch_whatever_the_process_count():
+    for count in (1, 2, 4):
+        steps = _indices(count, steps=8)  # 2 epochs of 4 global batches
+        for epoch in (steps[:4], steps[4:]):
+            assert sorted(np.concatenate(epoch).tolist()) == list(range(64)), count
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "crate_jax/data/pipeline.py shards the source before shuffling "
+    "(source[index::count], then a per-process shuffle with the same seed), so the examples of a "
+    "global batch depend on the process count, and examples k*count..k*count+count-1 always "
+    "share a global batch. Process-count invariant: shuffle the whole source, random_map, batch "
+    "by the per-process size, then take batches [index::count] — "
+    "ds = MapDataset.source(src).shuffle(seed).repeat(None).random_map(t, seed+1)"
+    ".batch(local, drop_remainder=True)[index::count]. Remove this xfail when that lands."))
+def test_global_batches_do_not_depend_on_the_process_count():
+    one, two = _indices(1, steps=4), _indices(2, steps=4)
+    for a, b in zip(one, two, strict=True):
+        assert sorted(a.tolist()) == sorted(b.tolist())
+
+
+if __name__ == "__main__":
+    # The reference run: python tests/test_multiprocess.py PROCESSES [crate_jax.main flags]
+    from absl import app
+
+    emulate_processes(int(sys.argv[1]))
+    from crate_jax import main as cli
+
+    app.run(cli.main, argv=[sys.argv[0], *sys.argv[2:]])
