@@ -106,7 +106,7 @@ def build_model(config, *, seed: int = 0, flag: str = "--workdir"):
     """The task's model for a run config (fresh parameters from `seed`), and its image tower."""
     from flax import nnx
     graphdef, state = _initial_state(config.to_json(sort_keys=True), seed, flag)
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state, copy=True)  # never share Variables with the cache
     return model, _image_tower(model, config, flag)
 
 
@@ -267,9 +267,11 @@ def run_summary(run: Run, measured: dict[str, np.ndarray]) -> dict[str, Any]:
             **summary}
 
 
-def segment(features: np.ndarray, cfg, num_objects: int) -> list[list[np.ndarray]]:
+def segment(features: np.ndarray, cfg, num_objects: int,
+            center: bool = False) -> list[list[np.ndarray]]:
     from crate_jax.whitebox.segmentation import segment_images
-    return segment_images(features, cfg.grid, cfg.patch_size, num_objects=num_objects)
+    return segment_images(features, cfg.grid, cfg.patch_size, num_objects=num_objects,
+                          center=center)
 
 
 def _coco_scores(runs: list[Run], args, batch: int, layer: int) -> dict[str, Any]:
@@ -287,7 +289,8 @@ def _coco_scores(runs: list[Run], args, batch: int, layer: int) -> dict[str, Any
     for run in runs:
         feats = run_model(run, images, batch=batch, layer=layer, normalization="reference",
                           eps=None, include_cls=True)["features"]
-        out[run.name] = segmentation.miou(segment(feats, run.model.cfg, args.num_objects), masks)
+        out[run.name] = segmentation.miou(
+            segment(feats, run.model.cfg, args.num_objects, args.seg_center), masks)
     return out
 
 
@@ -461,6 +464,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="synthetic segmentation images scored with MaskCut (default: "
                         "--num-images, at most 64)")
     p.add_argument("--num-objects", type=int, default=2, help="MaskCut objects per image")
+    p.add_argument("--seg-center", action="store_true",
+                   help="subtract each image's mean patch feature before the cut")
     p.add_argument("--coco", default="auto", choices=("auto", "off"),
                    help="score COCO val2017 too when TFDS coco/2017_panoptic is prepared locally")
     p.add_argument("--coco-data-dir", default=None, help="TFDS data_dir holding COCO")
@@ -537,19 +542,22 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
     else:
         seg = load_images("synthetic_segmentation", cfg.image_size, args.seg_images)
         features = {}
-    seg_runs = runs + [baseline]
+    seg_runs = [*runs, baseline]
     predictions, scores = {}, {}
     for r in seg_runs:
         feats = features.get(r.name)
         if feats is None:
             feats = run_model(r, seg["image"], **kw)["features"]
-        predictions[r.name] = segment(feats, r.model.cfg, args.num_objects)
+        predictions[r.name] = segment(feats, r.model.cfg, args.num_objects, args.seg_center)
         scores[r.name] = segmentation.miou(predictions[r.name], list(seg["mask"]))
     seg_doc = {"settings": {"images": len(seg["image"]), "num_objects": args.num_objects,
                             "tau": segmentation.TAU, "epsilon": segmentation.EPSILON,
                             "features": "last layer output, patch tokens",
-                            "image_size": cfg.image_size},
-               "synthetic_segmentation": scores}
+                            "center": args.seg_center, "image_size": cfg.image_size},
+               "synthetic_segmentation": scores,
+               "synthetic_segmentation_patch_oracle": segmentation.miou(
+                   segmentation.patch_oracle(list(seg["mask"]), cfg.patch_size),
+                   list(seg["mask"]))}
     if args.coco == "auto":
         seg_doc["coco_val2017"] = _coco_scores(seg_runs, args, args.batch, layer)
     with open(os.path.join(args.out, "segmentation.json"), "w") as f:

@@ -65,6 +65,23 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _smoke_schedule(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Four steps of 16 examples, checkpoints every 2, nothing loaded from other runs."""
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.grad_accum_steps = 1
+    c.total_steps = 4
+    c.optim.total_steps = 4
+    c.optim.warmup_steps = 1
+    c.log_every = 2
+    c.checkpoint.every = 2
+    c.measure_flops = False
+    c.init_from = None
+    if "init_towers" in c:
+        c.init_towers = None
+    return c
+
+
 def smoke(c: ml_collections.ConfigDict, *, model_name: str | None = None,
           image_size: int = 16, patch: int = 8) -> ml_collections.ConfigDict:
     """Shrink a config to seconds on a CPU: a toy model of the same family, synthetic data,
@@ -84,17 +101,7 @@ def smoke(c: ml_collections.ConfigDict, *, model_name: str | None = None,
         c.data.train_split, c.data.eval_split = "train", "test"
         c.data.train_augment = "flip"
         c.data.num_workers = 0
-    c.batch_size = 16
-    c.eval_batch_size = 16
-    c.grad_accum_steps = 1
-    c.total_steps = 4
-    c.optim.total_steps = 4
-    c.optim.warmup_steps = 1
-    c.log_every = 2
-    c.checkpoint.every = 2
-    c.measure_flops = False
-    c.init_from = None
-    return c
+    return _smoke_schedule(c)
 
 
 def smoke_clip(c: ml_collections.ConfigDict, *,
@@ -124,19 +131,7 @@ def smoke_clip(c: ml_collections.ConfigDict, *,
                              holdout_pairs=0, train_split="train", num_examples=48,
                              num_classes=64)
     c.checkpoint.best_metric = "zeroshot/top1"
-    c.batch_size = 16
-    c.eval_batch_size = 16
-    c.grad_accum_steps = 1
-    c.total_steps = 4
-    c.optim.total_steps = 4
-    c.optim.warmup_steps = 1
-    c.log_every = 2
-    c.checkpoint.every = 2
-    c.measure_flops = False
-    c.init_from = None
-    if "init_towers" in c:
-        c.init_towers = None
-    return c
+    return _smoke_schedule(c)
 
 
 def clipa_config(*, image: str, text: str, embed_dim: int, arg: str | None,

@@ -14,9 +14,10 @@ import sys
 import jax
 import ml_collections
 import numpy as np
-import pytest
-
 import numpy_reference as ref
+import pytest
+from flax import nnx
+
 from crate_jax import convert
 from crate_jax.convert import safetensors_format
 from crate_jax.convert.__main__ import main as cli
@@ -185,7 +186,7 @@ def test_crate_alpha_torch_golden(wrap):
     x = images()
     expected = ref.crate_alpha_torch_forward(sd, x, heads=HEADS, patch=PATCH)
     imported = convert.import_crate_alpha_torch(wrapped(sd) if wrap else sd, heads=HEADS)
-    name, overrides, params = imported
+    name, overrides, _ = imported
     assert name == "crate-alpha-ti/8"
     assert overrides["head_norm_eps"] == 1e-5 and overrides["pool"] == "cls"
     assert imported.config().eps == 1e-6
@@ -288,16 +289,16 @@ def test_a_corrupt_safetensors_file_is_refused(tmp_path):
     safetensors_format.save_file({"a": np.ones((2, 3), np.float32)}, path)
     data = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-4])
-    with pytest.raises(safetensors_format.SafetensorsError, match="data_offsets|cover"):
+    with pytest.raises(safetensors_format.SafetensorsError, match=r"data_offsets|cover"):
         safetensors_format.load_file(tmp_path / "cut.safetensors")
 
 
 def test_missing_torch_is_named(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch", None)
-    with pytest.raises(ModuleNotFoundError, match="requirements-torch.txt"):
+    with pytest.raises(ModuleNotFoundError, match=r"requirements-torch\.txt"):
         require_torch("reading x.pth")
     (tmp_path / "x.pth").write_bytes(b"\0")
-    with pytest.raises(ModuleNotFoundError, match="requirements-torch.txt"):
+    with pytest.raises(ModuleNotFoundError, match=r"requirements-torch\.txt"):
         convert.import_weights(tmp_path / "x.pth", "crate-torch")
     # .npz and .safetensors work without it
     np.savez(tmp_path / "w.npz", **crate_alpha_npz())
@@ -416,6 +417,10 @@ def test_cli_import_finetune_export(tmp_path):
     assert config["data"] == {"num_classes": CLASSES, "image_size": IMAGE}
     assert config["trainer"] == "classification"
     assert_bitwise_equal(final_params(str(out)), expected.params)
+    from crate_jax import analyze  # the analysis tools load it as they load a run
+
+    run = analyze.load_workdir(str(out))
+    assert_bitwise_equal(nnx.to_pure_dict(nnx.state(run.model, nnx.Param)), expected.params)
     assert cli(["import", "--from", "crate-alpha-npz", str(npz), str(out)]) == 1  # exists
 
     # finetune from it: with a zero learning rate everything but the new head stays as imported

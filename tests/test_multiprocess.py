@@ -18,8 +18,11 @@ compile time). The test takes about 45 s on the 2-core development machine.
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -119,45 +122,95 @@ def _target_state(config, mesh):
     return {"step": step, "params": params, "opt_state": opt}
 
 
+def _launch(workdir, logdir, env, args):
+    return subprocess.Popen(
+        ["bash", SCRIPT, f"--processes={PROCESSES}", f"--devices={DEVICES}", "--no-follow",
+         f"--python={sys.executable}", f"--timeout={TIMEOUT - 10}", f"--logdir={logdir}", "--",
+         *args, f"--workdir={workdir}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, logdir) -> str:
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    logs = "".join(f"\n--- {p.name} ---\n" + p.read_text()[-3000:]
+                   for p in sorted(logdir.glob("process_*.log")))
+    assert proc.returncode == 0, out + logs
+    return out
+
+
+def _wait_for(path, text, proc, timeout=TIMEOUT):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        assert proc.poll() is None, f"exited before {text!r}: {proc.communicate()[0]}"
+        time.sleep(0.1)
+    raise TimeoutError(f"{text!r} never appeared in {path}")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The 2-process run and its 1-process reference, started together (about 45 s)."""
+    """A 2-process run preempted and resumed, and its 1-process reference (about 70 s).
+
+    The reference starts together with the first leg. The first leg gets SIGTERM in process 1
+    alone, as soon as jax.distributed is up: both processes must stop at the same step, save
+    and exit 0. The second leg (same command) resumes and runs to the end; a persistent
+    compilation cache shared by the two legs spares the second its compiles."""
     base = tmp_path_factory.mktemp("multiprocess")
     multi, single = base / "two_processes", base / "one_process"
     args = [f"--config={DEMO}:smoke", *OVERRIDES]
-    multi_proc = subprocess.Popen(
-        ["bash", SCRIPT, f"--processes={PROCESSES}", f"--devices={DEVICES}", "--no-follow",
-         f"--python={sys.executable}", f"--timeout={TIMEOUT - 10}", "--",
-         *args, f"--workdir={multi}"],
-        cwd=ROOT, env=_env(XLA_FLAGS=FAST_COMPILE), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-    single_proc = subprocess.Popen(
+    env = _env(XLA_FLAGS=FAST_COMPILE, JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    reference = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), str(PROCESSES), *args,
          f"--workdir={single}"],
         cwd=ROOT, env=_env(XLA_FLAGS=(f"--xla_force_host_platform_device_count="
                                       f"{PROCESSES * DEVICES} {FAST_COMPILE}")),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        multi_out, _ = multi_proc.communicate(timeout=TIMEOUT)
-        single_out, _ = single_proc.communicate(timeout=TIMEOUT)
+        first = _launch(multi, base / "logs_first", env, args)
+        banner = first.stdout.readline()
+        pids = [int(p) for p in banner.rsplit("pids", 1)[1].split()]
+        assert len(pids) == PROCESSES, banner
+        _wait_for(base / "logs_first" / "process_1.log", "jax.distributed: process 1 of 2", first)
+        os.kill(pids[1], signal.SIGTERM)
+        _finish(first, base / "logs_first")
+        second = _launch(multi, base / "logs_second", env, args)
+        _finish(second, base / "logs_second")
+        out, _ = reference.communicate(timeout=TIMEOUT)
+        assert reference.returncode == 0, out[-5000:]
     finally:
-        for proc in (multi_proc, single_proc):
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    logs = "".join(f"\n--- process {i} ---\n" + (multi / "logs" / f"process_{i}.log").read_text()
-                   [-3000:] for i in range(PROCESSES) if (multi / "logs" / f"process_{i}.log")
-                   .exists())
-    assert multi_proc.returncode == 0, multi_out + logs
-    assert single_proc.returncode == 0, single_out[-5000:]
-    return multi, single
+        if reference.poll() is None:
+            reference.kill()
+            reference.communicate()
+    return base, multi, single
+
+
+def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes(runs):
+    base, multi, _ = runs
+    first = [(base / "logs_first" / f"process_{i}.log").read_text() for i in range(PROCESSES)]
+    second = [(base / "logs_second" / f"process_{i}.log").read_text() for i in range(PROCESSES)]
+    stops = [re.findall(r"stopping at step (\d+) after a termination signal", log)
+             for log in first]
+    assert all(len(s) == 1 for s in stops), stops
+    step = int(stops[0][0])
+    assert stops[1] == stops[0] and 1 <= step < STEPS, stops
+    for log in second:
+        assert f"resumed from step {step} " in log
+        assert f"final: step {STEPS}.0000" in log
+    assert (multi / "checkpoints" / str(STEPS)).exists()
 
 
 def test_two_processes_match_one_process_on_the_same_global_batches(runs):
-    multi, single = runs
+    base, multi, single = runs
     config = json.loads((multi / "config.json").read_text())
     assert config["batch_size"] == 16 and config["mesh"]["fsdp"] == -1
-    logs = [(multi / "logs" / f"process_{i}.log").read_text() for i in range(PROCESSES)]
+    logs = [(base / "logs_second" / f"process_{i}.log").read_text() for i in range(PROCESSES)]
     for i, log in enumerate(logs):
         assert f"jax.distributed: process {i} of 2, 4 local / 8 global devices" in log, log[-2000:]
     m, s = _metrics(multi), _metrics(single)
@@ -183,7 +236,7 @@ def test_checkpoint_of_two_processes_restores_in_one(runs):
     from crate_jax.train.checkpoint import Checkpointer
     from crate_jax.train.loop import final_params
 
-    multi, single = runs
+    _, multi, single = runs
     step_dir = multi / "checkpoints" / str(STEPS)
     assert sorted(p.name for p in (step_dir / "data").glob("process_*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]

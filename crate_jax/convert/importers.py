@@ -48,8 +48,9 @@ from crate_jax.models.registry import VISION_SIZES
 from crate_jax.models.resize import resize_patch_kernel, resize_posemb
 
 __all__ = [
-    "FORMATS", "ConversionError", "Imported", "flatten_source", "import_crate_alpha_npz",
-    "import_crate_alpha_torch", "import_crate_torch", "import_weights", "resize_imported",
+    "FORMATS", "ConversionError", "Imported", "check_against_model", "flatten_source",
+    "import_crate_alpha_npz", "import_crate_alpha_torch", "import_crate_torch", "import_weights",
+    "resize_imported",
 ]
 
 FORMATS = ("crate-torch", "crate-alpha-torch", "crate-alpha-npz")

@@ -12,6 +12,10 @@ so that `config.init_from=OUT` finetunes from it (the trainer only restores the 
 `init_from`) and `crate_jax.train.loop.final_params(OUT)` returns them. `model.overrides` holds
 everything but num_classes and image_size, which sit in `data` where a classification config
 keeps them (the classification task passes them to the model).
+
+OUT is a source to finetune from (`init_from`), not a run to resume: its step 0 has no
+optimizer state and no data position, and the trainer refuses --workdir=OUT because OUT's
+config.json is not the training config (use a new workdir with init_from=OUT).
 """
 
 from __future__ import annotations

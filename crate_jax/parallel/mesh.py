@@ -58,19 +58,28 @@ _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAM
 
 def maybe_initialize_distributed() -> bool:
     """Call jax.distributed.initialize when this process is one of several (a TPU pod slice,
-    SLURM, Open MPI, or an explicit JAX_COORDINATOR_ADDRESS). Returns whether it did."""
-    if not any(os.environ.get(k) for k in _MULTIHOST_ENV):
+    SLURM, Open MPI, or an explicit JAX_COORDINATOR_ADDRESS). Returns whether it did.
+    CRATE_DISTRIBUTED=1 always calls it (a Cloud TPU VM slice, whose workers jax finds on the
+    metadata server; launch/tpu/run.sh sets it), CRATE_DISTRIBUTED=0 never."""
+    forced = os.environ.get("CRATE_DISTRIBUTED", "")
+    if forced == "0":
         return False
-    if os.environ.get("TPU_WORKER_HOSTNAMES", "localhost") in ("", "localhost") and not any(
-            os.environ.get(k) for k in _MULTIHOST_ENV if k != "TPU_WORKER_HOSTNAMES"):
-        return False  # a single-host TPU VM
-    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-        return False
+    if forced != "1":
+        if not any(os.environ.get(k) for k in _MULTIHOST_ENV):
+            return False
+        if os.environ.get("TPU_WORKER_HOSTNAMES", "localhost") in ("", "localhost") and not any(
+                os.environ.get(k) for k in _MULTIHOST_ENV if k != "TPU_WORKER_HOSTNAMES"):
+            return False  # a single-host TPU VM
+        if (os.environ.get("SLURM_JOB_ID") and not os.environ.get("JAX_COORDINATOR_ADDRESS")
+                and int(os.environ.get("SLURM_NTASKS", "1")) <= 1):
+            return False  # one SLURM task (an explicit coordinator wins: multiprocess.sh)
     kwargs = {}
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                      process_id=int(os.environ["JAX_PROCESS_ID"]))
+                      num_processes=int(os.environ["JAX_NUM_PROCESSES"]) if os.environ.get(
+                          "JAX_NUM_PROCESSES") else None,
+                      process_id=int(os.environ["JAX_PROCESS_ID"]) if os.environ.get(
+                          "JAX_PROCESS_ID") else None)
     jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),

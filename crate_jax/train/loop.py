@@ -101,6 +101,11 @@ class _StopSignal:
         def handler(signum, frame):
             logging.warning("signal %d: will save a checkpoint and stop", signum)
             self.received = True
+        if jax.process_count() > 1:
+            # jax.distributed's preemption notifier owns SIGTERM: every process then stops at
+            # the same step (reached_preemption_sync_point). A handler of ours would replace it,
+            # and a process stopping alone deadlocks the others at the next collective.
+            return self
         with contextlib.suppress(ValueError):  # not the main thread: no handler
             self._previous = signal.signal(signal.SIGTERM, handler)
         return self
@@ -315,6 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         print(f"stopping at step {done} after a termination signal; "
                               "checkpoint saved", flush=True)
                         break
+            if not final and evaluators and start >= total_steps:
+                final = evaluate(total_steps)  # a finished run, started again: report it
         finally:
             checkpointer.close()
             writer.close()

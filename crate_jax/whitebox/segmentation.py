@@ -11,6 +11,10 @@ The foreground is the side holding the element of largest |x| (the most salient 
 rule; the sign of an eigenvector is arbitrary, its largest-magnitude entry is not). The
 eigenproblem is solved densely with scipy.linalg.eigh (N is the patch count: hundreds).
 
+The features are used as they are (MaskCut's convention); `center=True` (`--seg-center` on the
+command line) subtracts each image's mean patch feature first, which removes a component that
+all patches share and that otherwise links every pair of patches above τ.
+
 **Several objects.** After a cut the found patches are removed from the graph and the cut runs
 again on the remaining ones, up to `num_objects` times (MaskCut masks the found patches out of
 the affinity; removing their nodes is the same graph). A cut stops early when fewer than two
@@ -26,7 +30,8 @@ patches remain or the remaining graph has no edge above τ.
   predicted mask may serve several objects), averaged over objects.
 
 Every score is averaged over images (``object_iou`` over objects); an image whose union of
-prediction and truth is empty counts IoU 1.
+prediction and truth is empty counts IoU 1. Masks are made of whole patches, so `patch_oracle`
+(the ground truth rounded to patches) gives the ceiling of these scores at a model's patch size.
 
 `coco_panoptic_val` reads COCO val2017 with masks from a prepared TFDS ``coco/2017_panoptic``
 (the TFDS config of COCO that carries masks); it raises `DatasetUnavailable` with a message when
@@ -71,10 +76,13 @@ def bipartition(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def maskcut(features: np.ndarray, num_objects: int = 2, tau: float = TAU,
-            eps: float = EPSILON) -> list[np.ndarray]:
+            eps: float = EPSILON, center: bool = False) -> list[np.ndarray]:
     """Up to `num_objects` disjoint foreground masks (each (N,) bool) of one image's patch
-    features (N, d), found by repeated normalised cuts."""
+    features (N, d), found by repeated normalised cuts. `center` subtracts the image's mean
+    feature first (off by default, as in MaskCut)."""
     features = np.asarray(features, np.float64)
+    if center:
+        features = features - features.mean(0)
     n = features.shape[0]
     remaining = np.ones(n, bool)
     masks = []
@@ -137,11 +145,29 @@ def miou(pred_masks: list[list[np.ndarray]], gt_masks: list[np.ndarray]) -> dict
 
 
 def segment_images(features: np.ndarray, grid: tuple[int, int], patch_size: int,
-                   num_objects: int = 2, tau: float = TAU) -> list[list[np.ndarray]]:
+                   num_objects: int = 2, tau: float = TAU,
+                   center: bool = False) -> list[list[np.ndarray]]:
     """MaskCut on a batch of patch features (B, N, d): per image its pixel masks."""
     out = []
     for f in np.asarray(features):
-        out.append([upsample(m, grid, patch_size) for m in maskcut(f, num_objects, tau)])
+        masks = maskcut(f, num_objects, tau, center=center)
+        out.append([upsample(m, grid, patch_size) for m in masks])
+    return out
+
+
+def patch_oracle(gt_masks: list[np.ndarray], patch_size: int) -> list[list[np.ndarray]]:
+    """The ground truth at patch resolution (a patch takes the label covering most of its
+    pixels), upsampled back: what a perfect patch-level segmentation could score, the ceiling
+    for masks made of whole patches."""
+    out = []
+    for gt in gt_masks:
+        gt = np.asarray(gt)
+        gh, gw = gt.shape[0] // patch_size, gt.shape[1] // patch_size
+        blocks = gt[:gh * patch_size, :gw * patch_size].reshape(gh, patch_size, gw, patch_size)
+        blocks = blocks.transpose(0, 2, 1, 3).reshape(gh, gw, -1)
+        labels = np.array([[np.bincount(b).argmax() for b in row] for row in blocks])
+        out.append([upsample(labels.ravel() == k, (gh, gw), patch_size)
+                    for k in np.unique(labels) if k != 0])
     return out
 
 

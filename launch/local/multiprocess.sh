@@ -27,7 +27,7 @@ Options (environment variable in brackets):
   --processes=N     number of processes                               [CRATE_PROCESSES, 2]
   --devices=K       fake CPU devices per process                      [CRATE_DEVICES_PER_PROCESS, 4]
   --port=P          coordinator port on 127.0.0.1 (default: a free one) [CRATE_PORT]
-  --logdir=DIR      per-process logs DIR/process_<i>.log
+  --logdir=DIR      per-process logs DIR/process_<i>.log (appended to: a resumed run adds on)
                     (default: WORKDIR/logs for a local --workdir, else runs/multiprocess_logs)
                                                                       [CRATE_LOGDIR]
   --timeout=S       stop every process after S seconds, exit 124 (0: none) [CRATE_TIMEOUT, 0]
@@ -131,7 +131,7 @@ trap 'stop_all KILL' EXIT
 
 for ((i = 0; i < processes; i++)); do
   log="$logdir/process_$i.log"
-  : >"$log"
+  echo "=== multiprocess.sh: process $i of $processes, $(date -u '+%Y-%m-%dT%H:%M:%SZ') ===" >>"$log"
   if ((i == 0 && follow)); then
     JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" \
       JAX_NUM_PROCESSES="$processes" JAX_PROCESS_ID="$i" \
