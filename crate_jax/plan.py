@@ -1,31 +1,43 @@
-"""Will a config fit? Compile its real train step for a device mesh, on fake CPU devices.
+"""Will a config fit? Compile its real train step for a device mesh, without the devices.
 
     python -m crate_jax.plan --config=configs/clipa_h14.py --mesh=fsdp:64
     python -m crate_jax.plan --config=configs/clipa_h14.py --mesh=fsdp:64 --mesh=data:4,fsdp:16 \
-        --device-memory=32GiB --batch-size=32768 --remat=full --max-compiles=6
+        --device-memory=32GiB --batch-size=32768 --max-compiles=4 --json=plan.json
     python -m crate_jax.plan --config=configs/crate_alpha_in21k.py:variant=L/14 \
-        --accelerator=v4-64 --mesh=fsdp:-1
+        --accelerator=v4-64 --mesh=fsdp:-1                 # 32 devices (chips), 32 GiB each
+    python -m crate_jax.plan --config=... --accelerator=v4-128 --mesh=fsdp:64 --target=tpu
 
-Nothing is materialised and no accelerator is needed: the planner starts as many fake CPU
-devices as the mesh has (XLA_FLAGS=--xla_force_host_platform_device_count, set here before jax
-starts), builds exactly what crate_jax.train.loop builds — the task, the abstract model, the
-parameter shardings from the logical-axis rules, the optimizer and its state shardings, the
-train step with its in/out shardings and donated state — as jax.ShapeDtypeStruct, and compiles
-the step ahead of time. From the compiled step it prints the parameter count, the FLOPs of one
-step (XLA's cost analysis, per device and in total), per-device bytes of parameters, optimizer
-state, input batch and temporaries (activations and everything else XLA keeps during the step),
-the peak, whether that fits the device memory, and the compile time.
+Nothing is materialised. The planner builds exactly what crate_jax.train.loop builds — the
+task, the abstract model, the parameter shardings from the logical-axis rules, the optimizer
+and its state shardings, the train step with its in/out shardings and donated state — from
+jax.ShapeDtypeStruct only, and compiles the step ahead of time for the mesh. It prints the
+parameter count, the FLOPs of one step (XLA's cost analysis: per device, in total, per
+example), per-device bytes of parameters, optimizer state, input batch and temporaries
+(activations saved for the backward pass, gradients, gathered weights, workspace), the peak,
+whether it fits --device-memory less --headroom, and the compile time.
 
-The search (bounded by --max-compiles, the first compile included): when the step does not fit,
-heavier rematerialisation is tried first (none → dots → full, at the same batch), then the
-micro-batch per device is halved (grad_accum_steps doubled: the global batch, and so the update,
-stay the same). When it fits, lighter rematerialisation (faster) is tried, then the per-device
-batch is doubled while it fits. The suggestion is printed as crate_jax.main flags.
+Targets:
+  cpu (default)  as many fake CPU devices as the mesh has (XLA_FLAGS is set here, before jax
+                 starts: run the planner as its own process). Works anywhere. It is an
+                 estimate: XLA:CPU keeps part of the bf16 intermediates in f32 and does not
+                 honour rematerialisation (CSE undoes it once the optimisation barriers are
+                 expanded), so its temporaries are about what the accelerator needs with
+                 remat 'none'. Measured for CLIPA-H/14 widths (2 layers per tower), fsdp:64,
+                 1,024 images per device: CPU 28.6 GiB; TPU v4 31.7 GiB with remat none,
+                 17.5 GiB with remat dots.
+  tpu            the TPU compiler itself (libtpu: pip install 'jax[tpu]'; no TPU needed) for
+                 the slice of --accelerator: exact memory for that TPU, remat included; it
+                 reports a step that exceeds HBM without compiling it. Slower to compile.
 
-The numbers are XLA:CPU's buffer assignment for the same partitioned program. An accelerator
-compiler fuses and schedules differently (and TPU XLA rematerialises on its own when short of
-memory), so treat the verdict as an estimate with the --headroom margin (default 10 %), and
-confirm on the hardware with the first steps of the run (the progress line prints memory).
+The search (bounded by --max-compiles, the first compile included):
+  1. remat (tpu target only): when the step does not fit, the heavier policies at the same
+     batch (none → dots → full); when it fits, the next lighter one (faster) if it fits too.
+  2. micro-batch: a second size per device — half (grad_accum_steps doubled, same global batch
+     and update) when nothing fits yet, double when it fits — and a straight line through the
+     two peaks predicts the largest micro-batch per device that fits; a compile left over
+     checks the predicted grad_accum_steps.
+The suggestion is printed as crate_jax.main flags (--config.grad_accum_steps=...,
+--config.model.*overrides.remat=...). Confirm on the hardware with the first steps of the run.
 """
 
 from __future__ import annotations
@@ -71,6 +83,12 @@ _FAST = flags.DEFINE_boolean(
     "fast-compile", True, "Compile with --xla_backend_optimization_level=0: the same buffer "
     "assignment and cost analysis, several times faster on CPU.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+_TARGET = flags.DEFINE_enum(
+    "target", "cpu", ["cpu", "tpu"],
+    "cpu: compile for fake CPU devices (works anywhere; XLA:CPU keeps bf16 intermediates partly "
+    "in f32 and does not honour remat, so activations are over-estimated). tpu: compile for the "
+    "real TPU of --accelerator with the TPU compiler (needs libtpu, e.g. pip install "
+    "'jax[tpu]'; no TPU needed): exact for that TPU.")
 
 MESH_AXES = ("data", "fsdp", "tensor")
 REMAT_ORDER = ("none", "dots", "full")  # lighter (faster) → heavier (less memory)
@@ -157,6 +175,50 @@ def resolve_meshes(meshes: list[dict[str, int]], devices: int | None,
     return out, devices
 
 
+_OOM = re.compile(r"HLO temporaries \(([0-9.]+[KMGT]?)\) exceeds available HBM "
+                  r"\(([0-9.]+[KMGT]?)\)")
+
+
+def _size(text: str) -> int:
+    """'93.00G' → bytes (the TPU compiler's binary units)."""
+    unit = text[-1] if text[-1] in "KMGT" else ""
+    number = float(text[:-1] if unit else text)
+    return int(number * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit])
+
+
+# TPU types: the topology the TPU compiler is given (chips per axis), and the chip config.
+def tpu_topology(accelerator: str) -> tuple[str, str]:
+    """'v4-64' → ('v4:2x4x4', 'megacore'): 32 chips, each one device."""
+    chips, _ = tpu_devices(accelerator)
+    generation = accelerator.split("-")[0]
+    if chips & (chips - 1):
+        raise PlanError(f"--accelerator={accelerator}: --target=tpu knows power-of-two slices")
+    if generation in ("v4", "v5p"):
+        dims = [1, 1, 1]
+    else:
+        dims = [1, 1]
+    while math.prod(dims) < chips:
+        dims[dims.index(min(dims))] *= 2
+    name = {"v4": "v4", "v5p": "v5p", "v5litepod": "v5e", "v5e": "v5e", "v6e": "v6e"}[generation]
+    return (f"{name}:{'x'.join(str(d) for d in sorted(dims))}",
+            "megacore" if len(dims) == 3 else "default")
+
+
+def tpu_target_devices(accelerator: str) -> list:
+    """The devices of a TPU slice, for ahead-of-time compilation on this (TPU-less) machine."""
+    import importlib.util
+    if importlib.util.find_spec("libtpu") is None:
+        raise PlanError("--target=tpu needs libtpu, the TPU compiler: pip install 'jax[tpu]' "
+                        "(no TPU is needed to compile)")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    from jax.experimental import topologies
+    name, chip_config = tpu_topology(accelerator)
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                             chip_config_name=chip_config).devices)
+
+
 def start_fake_devices(count: int, fast: bool) -> None:
     """XLA flags for `count` CPU devices; must run before jax initialises its backends."""
     if "jax" in sys.modules:
@@ -196,6 +258,7 @@ class Result:
     lower_s: float
     compile_s: float
     fits: bool = False
+    note: str = ""  # e.g. the TPU compiler's out-of-memory message
 
     @property
     def per_device_batch(self) -> int:
@@ -303,7 +366,25 @@ def compile_step(config, mesh_shape: dict[str, int], devices=None) -> Result:
         t0 = time.perf_counter()
         lowered = train_step.lower(state, rest, example)
         t1 = time.perf_counter()
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # the TPU compiler refuses what does not fit its HBM
+            oom = _OOM.search(str(e))
+            if not oom:
+                raise
+            t2 = time.perf_counter()
+            known = _shard_bytes(params) + _shard_bytes(opt_state) + _shard_bytes(example)
+            temp = _size(oom.group(1))
+            return Result(
+                mesh=dict(mesh_shape), batch_size=config.batch_size, grad_accum_steps=accum,
+                remat=config_remat(config),
+                params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+                param_bytes=_shard_bytes(params), opt_bytes=_shard_bytes(opt_state),
+                batch_bytes=_shard_bytes(example), argument_bytes=known, output_bytes=0,
+                alias_bytes=0, temp_bytes=temp, code_bytes=0, peak_bytes=known + temp,
+                flops_per_device=0.0, lower_s=t1 - t0, compile_s=t2 - t1,
+                note=f"the TPU compiler: HLO temporaries need {oom.group(1)}B, "
+                     f"{oom.group(2)}B of HBM available")
         t2 = time.perf_counter()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -347,11 +428,12 @@ def _line(a: Result, b: Result) -> tuple[float, float] | None:
     return a.peak_bytes - slope * a.micro_batch, slope
 
 
-def search(config, mesh_shape, usable: int, max_compiles: int, report) -> Plan:
+def search(config, mesh_shape, usable: int, max_compiles: int, report,
+           devices=None, remat_search: bool = True) -> Plan:
     """Compile the config as given, then spend the remaining compiles (see the module doc):
 
-    1. remat: when it does not fit, the next heavier policies (none → dots → full) at the same
-       batch; when it fits, the next lighter one (faster) if that fits too.
+    1. remat (when `remat_search`): when it does not fit, the next heavier policies (none →
+       dots → full) at the same batch; when it fits, the next lighter one if that fits too.
     2. batch, at the remat from 1: a second micro-batch size per device — half (twice the
        grad_accum_steps) when nothing fits yet, double when it fits — then a straight line
        through the two peaks predicts the largest micro-batch that fits; a compile left over
@@ -367,8 +449,8 @@ def search(config, mesh_shape, usable: int, max_compiles: int, report) -> Plan:
             if (r.batch_size, r.grad_accum_steps, r.remat) == (batch_size, accum, remat):
                 return r
         r = compile_step(with_settings(config, batch_size=batch_size, accum=accum,
-                                       remat=remat), mesh_shape)
-        r.fits = r.peak_bytes <= usable
+                                       remat=remat), mesh_shape, devices)
+        r.fits = r.peak_bytes <= usable and not r.note
         results.append(r)
         report(r)
         return r
@@ -386,7 +468,9 @@ def search(config, mesh_shape, usable: int, max_compiles: int, report) -> Plan:
     current = trial(batch, accum, config_remat(config))
     best = faster(current, None)
     index = REMAT_ORDER.index(current.remat)
-    if not current.fits:
+    if not remat_search:
+        pass
+    elif not current.fits:
         for heavier in REMAT_ORDER[index + 1:]:
             r = trial(batch, accum, heavier)
             if r is None:
@@ -460,11 +544,12 @@ def describe(r: Result, memory: int, usable: int) -> str:
     return "\n".join([
         f"mesh {_mesh_text(r.mesh)} ({devices} devices): {_setting(r)}",
         f"  parameters            {r.params:,}",
-        f"  FLOPs per step        {_flops(r.flops_per_device * devices)} in total, "
-        f"{_flops(r.flops_per_device)} per device, "
-        f"{_flops(r.flops_per_device * devices / r.batch_size)} per example",
-        "                        (XLA cost analysis of the compiled step: forward, backward, "
-        "remat recomputation, optimizer)",
+        (f"  FLOPs per step        {_flops(r.flops_per_device * devices)} in total, "
+         f"{_flops(r.flops_per_device)} per device, "
+         f"{_flops(r.flops_per_device * devices / r.batch_size)} per example\n"
+         "                        (XLA cost analysis of the compiled step: forward, backward, "
+         "remat recomputation, optimizer)") if not r.note else
+        "  FLOPs per step        unknown: the step did not compile",
         f"  compile time          {r.lower_s + r.compile_s:.1f} s (trace + lower "
         f"{r.lower_s:.1f} s, XLA compile {r.compile_s:.1f} s)",
         "  memory per device",
@@ -480,7 +565,7 @@ def describe(r: Result, memory: int, usable: int) -> str:
         f"  device memory         {_bytes(memory):>12}   ({_bytes(usable)} usable with "
         f"{100 * _HEADROOM.value:.0f} % headroom)",
         f"  verdict               {verdict}: peak is {100 * r.peak_bytes / memory:.0f} % of "
-        "the device memory",
+        "the device memory" + (f" ({r.note})" if r.note else ""),
     ])
 
 
@@ -537,7 +622,7 @@ def summarize(config, plan: Plan, memory: int) -> str:
                  f"(compiled, remat {largest.remat}: peak {_bytes(largest.peak_bytes)}); a "
                  "larger global batch is another recipe (learning rate, steps)")
     if len(plan.results) == 1:
-        text += ("\n  (--max-compiles > 1 tries other remat policies and micro-batch sizes)")
+        text += "\n  (--max-compiles > 1 also tries other micro-batch sizes)"
     lines.append(text)
     return "\n".join(lines)
 
@@ -550,6 +635,11 @@ def main(argv: list[str]) -> None:
     except PlanError as e:
         print(f"crate_jax.plan: {e}", file=sys.stderr)
         sys.exit(2)
+    if _TARGET.value == "tpu":
+        # libtpu's threads keep a finished process from exiting: leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def run() -> None:
@@ -594,12 +684,22 @@ def run() -> None:
             raise PlanError(f"--batch-size={config.batch_size} (or the config's batch_size) "
                             f"is not divisible by the {dp} data-parallel devices of "
                             f"--mesh={text} × grad_accum_steps {accum}")
-    start_fake_devices(devices, _FAST.value)
+    target_devices = None
+    if _TARGET.value == "tpu":
+        if not _ACCELERATOR.value:
+            raise PlanError("--target=tpu needs --accelerator (the TPU type), e.g. v4-64")
+        start_fake_devices(1, fast=False)  # the XLA flag would reach the TPU compiler too
+        target_devices = tpu_target_devices(_ACCELERATOR.value)
+    else:
+        start_fake_devices(devices, _FAST.value)
 
     name = config.model.get("name") or f"{config.model.get('image')} + {config.model.get('text')}"
-    print(f"crate_jax.plan: {config.trainer}, {name}, on {devices} fake CPU devices; device "
-          f"memory {_bytes(memory)}; at most {_MAX_COMPILES.value} compile(s) per mesh",
-          flush=True)
+    where = (f"{devices} fake CPU devices (an XLA:CPU estimate, about the memory of remat "
+             "'none'; --target=tpu is exact for a TPU)" if target_devices is None else
+             f"{len(target_devices)} {target_devices[0].device_kind} devices "
+             f"({_ACCELERATOR.value}, compiled by the TPU compiler)")
+    print(f"crate_jax.plan: {config.trainer}, {name}, on {where}; device memory "
+          f"{_bytes(memory)}; at most {_MAX_COMPILES.value} compile(s) per mesh", flush=True)
     report = []
     for mesh_shape in meshes:
         printed = []
@@ -614,7 +714,8 @@ def run() -> None:
             printed.append(r)
 
         print(f"compiling the train step for mesh {_mesh_text(mesh_shape)} ...", flush=True)
-        plan = search(config, mesh_shape, usable, _MAX_COMPILES.value, on_result)
+        plan = search(config, mesh_shape, usable, _MAX_COMPILES.value, on_result,
+                      target_devices, remat_search=target_devices is not None)
         print(summarize(config, plan, memory), flush=True)
         report.append({
             "mesh": mesh_shape, "device_memory_bytes": memory, "usable_bytes": usable,

@@ -12,8 +12,12 @@ the same config whose data iterator yields exactly the global batches the 2-proc
 assembles (the processes' iterators, concatenated in process order); everything else —
 model, step, sharding, optimizer, evaluation, checkpoints — is the unmodified code.
 
+The 2-process run is also preempted: SIGTERM to process 1 alone, right after jax.distributed
+is up; both processes must stop at the same step with a checkpoint, and the same command
+resumes and finishes. So the losses compared at steps 2, 4, 6 come from a resumed run.
+
 Both runs use `--xla_backend_optimization_level=0` (same numerics in both, about half the CPU
-compile time). The test takes about 45 s on the 2-core development machine.
+compile time). The module takes 50 to 70 s on the 2-core development machine.
 """
 
 import json
@@ -155,7 +159,7 @@ def _wait_for(path, text, proc, timeout=TIMEOUT):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A 2-process run preempted and resumed, and its 1-process reference (about 70 s).
+    """A 2-process run preempted and resumed, and its 1-process reference (50 to 70 s).
 
     The reference starts together with the first leg. The first leg gets SIGTERM in process 1
     alone, as soon as jax.distributed is up: both processes must stop at the same step, save
@@ -265,6 +269,40 @@ def test_checkpoint_of_two_processes_restores_in_one(runs):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("env, called_with", [
+    ({}, None),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "2",
+      "JAX_PROCESS_ID": "1"},
+     {"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}),
+    # inside a one-task SLURM allocation, an explicit coordinator still wins (multiprocess.sh)
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234",
+      "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
+     {"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 0}),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),  # one task: nothing to join
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, {}),  # jax reads SLURM's variables
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),  # a single-host TPU VM
+    ({"CRATE_DISTRIBUTED": "1"}, {}),  # a Cloud TPU slice (launch/tpu/run.sh sets it)
+    ({"CRATE_DISTRIBUTED": "0", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, None),
+])
+def test_when_jax_distributed_is_initialised(env, called_with, monkeypatch):
+    from unittest import mock
+
+    from crate_jax.parallel import mesh
+
+    for key in list(os.environ):
+        if key.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_",
+                           "OMPI_", "TPU_WORKER", "MEGASCALE", "CRATE_DISTRIBUTED")):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with mock.patch("jax.distributed.initialize") as initialize:
+        assert mesh.maybe_initialize_distributed() == (called_with is not None)
+    if called_with is None:
+        initialize.assert_not_called()
+    else:
+        initialize.assert_called_once_with(**called_with)
+
+
 class _IndexSource:
     def __init__(self, n):
         self.n = n
@@ -296,14 +334,6 @@ def test_every_example_once_per_epoch_whatever_the_process_count():
             assert sorted(np.concatenate(epoch).tolist()) == list(range(64)), count
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "crate_jax/data/pipeline.py shards the source before shuffling "
-    "(source[index::count], then a per-process shuffle with the same seed), so the examples of a "
-    "global batch depend on the process count, and examples k*count..k*count+count-1 always "
-    "share a global batch. Process-count invariant: shuffle the whole source, random_map, batch "
-    "by the per-process size, then take batches [index::count] — "
-    "ds = MapDataset.source(src).shuffle(seed).repeat(None).random_map(t, seed+1)"
-    ".batch(local, drop_remainder=True)[index::count]. Remove this xfail when that lands."))
 def test_global_batches_do_not_depend_on_the_process_count():
     one, two = _indices(1, steps=4), _indices(2, steps=4)
     for a, b in zip(one, two, strict=True):

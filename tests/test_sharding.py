@@ -51,13 +51,13 @@ def test_logical_spec_rules():
         spec(("bogus",), (4,), mesh)
 
 
-def _tiny_config():
+def _tiny_config(depth=2):
     c = config_utils.base_config()
     c.data = dict(source="synthetic_shapes", image_size=16, num_classes=4,
                   num_train_examples=64, num_eval_examples=16, train_split="train",
                   eval_split="test", train_augment="none")
     c.model.name = "crate-alpha-ti/8"
-    c.model.overrides = dict(width=32, depth=2, heads=4)
+    c.model.overrides = dict(width=32, depth=depth, heads=4)
     c.optim.update(total_steps=10, warmup_steps=2, lr=1e-2)
     return c
 
@@ -110,7 +110,7 @@ def test_params_and_optimizer_state_land_on_rule_shardings():
 
 
 def _one_step_loss(mesh_shape):
-    config = _tiny_config()
+    config = _tiny_config(depth=1)
     devices = jax.devices()[:1] if mesh_shape is None else None
     mesh = parallel.make_mesh(mesh_shape or {"data": 1}, devices=devices)
     task, graphdef, _, p_shard = _abstract_and_shardings(config, mesh)

@@ -1,10 +1,12 @@
 """Input pipelines over random-access sources, built on grain.
 
 A source is anything with `__len__` and `__getitem__(i) -> dict` (tfds.data_source, the
-synthetic sets, an image folder). Training iterates forever: each process reads a disjoint,
-strided part of the source (`source[process_index::process_count]`), shuffled per epoch by
-seed, transformed with a per-example RNG, batched, and prefetched in the background (threads,
-or worker processes with `num_workers`). The iterator's `get_state()` is a small dict: the
+synthetic sets, an image folder). Training iterates forever over one seed-determined order of
+the whole source (reshuffled every epoch), each example transformed with its own RNG; the
+order is cut into per-process batches and process p takes batches p, p + n, p + 2n, ... So the
+processes read disjoint examples, and the examples of global step k do not depend on the number
+of processes. Batches are prefetched in the background (threads, or worker processes with
+`num_workers`). The iterator's `get_state()` is a small dict: the
 checkpoint stores it, and `set_state()` resumes at exactly the next unseen batch.
 
 Evaluation covers the whole split exactly once: the last batch is padded and carries a `mask`
@@ -43,10 +45,12 @@ def train_iterator(source: Source, *, batch_size: int, seed: int, transform: Tra
     if len(source) < count * batch_size:
         raise ValueError(f"data: the source has {len(source)} examples, fewer than one batch of "
                          f"{batch_size} for each of {count} processes")
-    ds = grain.MapDataset.source(source)[index::count]
-    ds = ds.shuffle(seed=seed).repeat(None)  # a new order every epoch, derived from the seed
+    # One global order for every process count: shuffle the whole source (anew every epoch),
+    # augment each example with its own RNG, cut into per-process batches, and deal them out.
+    # Global batch k is then the same set of examples however many processes read it.
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
     ds = ds.random_map(transform, seed=seed + 1)
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True)[index::count]
     threads = max(1, min(8, batch_size))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                               prefetch_buffer_size=max(prefetch, threads)))

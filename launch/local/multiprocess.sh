@@ -15,8 +15,9 @@
 # (crate_jax.parallel.maybe_initialize_distributed reads the last three).
 #
 # Waits for every process; exits 0 only when all of them exit 0. When one fails, the others
-# are stopped (they would otherwise wait for it at the next collective). SIGINT/SIGTERM sent to
-# this script are forwarded to every process (the trainer saves a checkpoint and stops).
+# are stopped (they would otherwise wait for it at the next collective). Ctrl-C or SIGTERM to
+# this script sends SIGTERM to every process: they agree on a step, save a checkpoint there and
+# exit; the same command then resumes.
 set -euo pipefail
 
 usage() {
@@ -121,13 +122,15 @@ stop_all() {  # stop_all SIGNAL: signal every process still running
   done
 }
 # shellcheck disable=SC2317  # called from the traps below
-forward() {  # a signal for us: pass it on, keep waiting so that they can save and exit
-  echo "multiprocess.sh: $1 received, forwarding to ${#pids[@]} processes" >&2
-  stop_all "$1"
+forward() {  # a signal for us: SIGTERM to every process, then keep waiting while they save
+  echo "multiprocess.sh: $1 received, sending SIGTERM to ${#pids[@]} processes" >&2
+  stop_all TERM
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
 trap 'stop_all KILL' EXIT
+# Background jobs of a script ignore SIGINT (no job control), so Ctrl-C reaches only this
+# script, which turns it into the SIGTERM the trainer saves on.
 
 for ((i = 0; i < processes; i++)); do
   log="$logdir/process_$i.log"
@@ -173,7 +176,7 @@ while ((${#status[@]} < processes)); do
     ( sleep 10; stop_all KILL ) &
     killer=$!
   fi
-  ((${#status[@]} < processes)) && sleep 0.2
+  ((${#status[@]} < processes)) && { sleep 0.2 || true; }  # Ctrl-C also hits sleep
 done
 trap - EXIT
 [[ -z "$killer" ]] || kill "$killer" 2>/dev/null || true

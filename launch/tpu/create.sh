@@ -2,6 +2,7 @@
 # Create a Cloud TPU VM slice (directly, or as a queued resource that waits for capacity).
 #
 #   launch/tpu/create.sh --project=P --zone=us-central2-b --accelerator=v4-64 --name=crate [--spot] [--queued]
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {

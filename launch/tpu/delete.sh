@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Delete the slice (or its queued resource, with the TPU VM it holds). The bucket workdir, its
 # checkpoints and logs stay.
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {

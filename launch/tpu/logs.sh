@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Show a run's log: from a worker (tail -F over ssh), or from the copies in the bucket (also
 # after the slice is gone).
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {

@@ -4,6 +4,7 @@
 #
 #   launch/tpu/run.sh --project=P --zone=us-central2-b --accelerator=v4-64 --name=crate \
 #       --workdir=gs://B/runs/clipa_h14 --config=configs/clipa_h14.py [--recreate] [-- --config.x=y ...]
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {

@@ -2,6 +2,7 @@
 # Install the project on every worker of a slice: the code (git clone or a gs:// tarball), a
 # virtual environment, requirements.txt and the TPU build of jax; then check that the TPU
 # runtime comes up across all hosts.
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stop a run cleanly: SIGTERM to the trainer on every worker. The processes agree on a step
 # (jax's preemption sync point), save a checkpoint there and exit; run.sh resumes from it.
+# shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
