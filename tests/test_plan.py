@@ -6,8 +6,8 @@ machine (XLA:CPU; compile time grows faster than linearly with depth: 2 layers p
 4: 22 s, 8: 35 s, 16: 96 s), over this suite's budget. So the default test compiles CLIPA-H/14
 with everything real — widths, heads, MLP/ODL sizes, patch size, resolution, text length, the
 65,536 batch, the fsdp:64 mesh, the shardings, the optimizer — except 2 layers per tower (a
-config written to tmp_path that wraps configs/clipa_h14.py), about 25 s. The full model runs
-with CRATE_TEST_FULL_PLAN=1 (about 4 minutes; skipped otherwise, with that reason).
+config written to tmp_path that wraps configs/clipa_h14.py), about 25 s. The full model:
+`python -m crate_jax.plan --config=configs/clipa_h14.py --mesh=fsdp:64` (about 4 minutes here).
 """
 
 import json
