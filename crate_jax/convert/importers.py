@@ -428,6 +428,41 @@ def _prepare(source: Mapping[str, Any], sep: str, name: str | None,
     return flat, notes, _parse_name_hint(name, block)
 
 
+def _torch_head(flat: dict, layout: str, notes: list[str]) -> tuple[bool, int]:
+    """Whether a PyTorch layout has a classifier head, and its class count."""
+    has_head = "mlp_head.1.weight" in flat or "mlp_head.1.bias" in flat
+    classes = (_vote(flat, [("mlp_head.1.weight", lambda s: s[0]),
+                            ("mlp_head.1.bias", lambda s: s[0])], "class count", layout)
+               if has_head else 0)
+    if not has_head:
+        notes.append("no mlp_head.1: imported without a classifier head (num_classes=0)")
+    return has_head, classes
+
+
+def _torch_head_and_mssa(d: int, k: int, p: int, depth: int, classes: int) -> dict:
+    """What the CRATE and CRATE-α PyTorch layouts share: the head LayerNorm and Linear, and
+    every layer's two LayerNorms and MSSA projections (qkv (d, d) → (d, K, p), to_out →
+    (K, p, d))."""
+    spec = {"mlp_head.0.weight": _Entry("norm/scale", (d,)),
+            "mlp_head.0.bias": _Entry("norm/bias", (d,))}
+    if classes:
+        spec["mlp_head.1.weight"] = _Entry("head/kernel", (classes, d), _t)
+        spec["mlp_head.1.bias"] = _Entry("head/bias", (classes,))
+    for i in range(depth):
+        t, o = f"transformer.layers.{i}", f"encoder/layers/{i}"
+        spec |= {
+            f"{t}.0.norm.weight": _Entry(f"{o}/attn/norm/scale", (d,)),
+            f"{t}.0.norm.bias": _Entry(f"{o}/attn/norm/bias", (d,)),
+            f"{t}.0.fn.qkv.weight": _Entry(f"{o}/attn/proj", (d, d),
+                                           lambda w, k=k, p=p: w.T.reshape(-1, k, p)),
+            f"{t}.0.fn.to_out.0.weight": _Entry(f"{o}/attn/out", (d, d),
+                                                lambda w, k=k, p=p: w.T.reshape(k, p, -1)),
+            f"{t}.1.norm.weight": _Entry(f"{o}/sparse/norm/scale", (d,)),
+            f"{t}.1.norm.bias": _Entry(f"{o}/sparse/norm/bias", (d,)),
+        }
+    return spec
+
+
 def import_crate_torch(source: Mapping[str, Any], *, heads: int | None = None,
                        name: str | None = None, image_size: int | None = None,
                        patch_size: int | None = None, channels: int = 3,
@@ -459,12 +494,7 @@ def import_crate_torch(source: Mapping[str, Any], *, heads: int | None = None,
     side = _grid_side(rows - 1, f"{layout} pos_embedding")
     depth = _layer_count(flat, r"transformer\.layers\.(\d+)\.", layout)
     k = _heads(block, width, heads, size_hint, (metadata or {}).get("heads"), notes, layout)
-    has_head = "mlp_head.1.weight" in flat or "mlp_head.1.bias" in flat
-    classes = (_vote(flat, [("mlp_head.1.weight", lambda s: s[0]),
-                            ("mlp_head.1.bias", lambda s: s[0])], "class count", layout)
-               if has_head else 0)
-    if not has_head:
-        notes.append("no mlp_head.1: imported without a classifier head (num_classes=0)")
+    has_head, classes = _torch_head(flat, layout, notes)
     d, p = width, width // k
     spec = {
         "cls_token": _Entry("cls", (1, 1, d)),
@@ -475,24 +505,12 @@ def import_crate_torch(source: Mapping[str, Any], *, heads: int | None = None,
         "to_patch_embedding.2.bias": _Entry("stem/proj/bias", (d,)),
         "to_patch_embedding.3.weight": _Entry("stem/norm_out/scale", (d,)),
         "to_patch_embedding.3.bias": _Entry("stem/norm_out/bias", (d,)),
-        "mlp_head.0.weight": _Entry("norm/scale", (d,)),
-        "mlp_head.0.bias": _Entry("norm/bias", (d,)),
     }
-    if has_head:
-        spec["mlp_head.1.weight"] = _Entry("head/kernel", (classes, d), _t)
-        spec["mlp_head.1.bias"] = _Entry("head/bias", (classes,))
+    spec |= _torch_head_and_mssa(d, k, p, depth, classes if has_head else 0)
     for i in range(depth):
         t, o = f"transformer.layers.{i}", f"encoder/layers/{i}"
         spec |= {
-            f"{t}.0.norm.weight": _Entry(f"{o}/attn/norm/scale", (d,)),
-            f"{t}.0.norm.bias": _Entry(f"{o}/attn/norm/bias", (d,)),
-            f"{t}.0.fn.qkv.weight": _Entry(f"{o}/attn/proj", (d, d),
-                                           lambda w, k=k, p=p: w.T.reshape(-1, k, p)),
-            f"{t}.0.fn.to_out.0.weight": _Entry(f"{o}/attn/out", (d, d),
-                                                lambda w, k=k, p=p: w.T.reshape(k, p, -1)),
             f"{t}.0.fn.to_out.0.bias": _Entry(f"{o}/attn/out_bias", (d,)),
-            f"{t}.1.norm.weight": _Entry(f"{o}/sparse/norm/scale", (d,)),
-            f"{t}.1.norm.bias": _Entry(f"{o}/sparse/norm/bias", (d,)),
             f"{t}.1.fn.weight": _Entry(f"{o}/sparse/weight", (d, d)),
         }
     dims = dict(width=d, depth=depth, heads=k, patch=patch, image=side * patch,
@@ -542,37 +560,20 @@ def import_crate_alpha_torch(source: Mapping[str, Any], *, heads: int | None = N
     ratio = _ratio(flat, layout, width, depth, "transformer.layers.{i}.1.fn.D")
     k = _heads(block, width, heads, size_hint, (metadata or {}).get("heads"), notes, layout)
     stem_bias = "conv1.bias" in flat
-    has_head = "mlp_head.1.weight" in flat or "mlp_head.1.bias" in flat
-    classes = (_vote(flat, [("mlp_head.1.weight", lambda s: s[0]),
-                            ("mlp_head.1.bias", lambda s: s[0])], "class count", layout)
-               if has_head else 0)
-    if not has_head:
-        notes.append("no mlp_head.1: imported without a classifier head (num_classes=0)")
+    has_head, classes = _torch_head(flat, layout, notes)
     d, p = width, width // k
     spec = {
         "conv1.weight": _Entry("stem/kernel", (d, chans, patch, patch),
                                lambda w: w.transpose(2, 3, 1, 0)),
         "cls_token": _Entry("cls", (1, 1, d)),
         "pos_embedding": _Entry("posemb/embedding", (1, rows, d)),
-        "mlp_head.0.weight": _Entry("norm/scale", (d,)),
-        "mlp_head.0.bias": _Entry("norm/bias", (d,)),
     }
     if stem_bias:
         spec["conv1.bias"] = _Entry("stem/bias", (d,))
-    if has_head:
-        spec["mlp_head.1.weight"] = _Entry("head/kernel", (classes, d), _t)
-        spec["mlp_head.1.bias"] = _Entry("head/bias", (classes,))
+    spec |= _torch_head_and_mssa(d, k, p, depth, classes if has_head else 0)
     for i in range(depth):
         t, o = f"transformer.layers.{i}", f"encoder/layers/{i}"
         spec |= {
-            f"{t}.0.norm.weight": _Entry(f"{o}/attn/norm/scale", (d,)),
-            f"{t}.0.norm.bias": _Entry(f"{o}/attn/norm/bias", (d,)),
-            f"{t}.0.fn.qkv.weight": _Entry(f"{o}/attn/proj", (d, d),
-                                           lambda w, k=k, p=p: w.T.reshape(-1, k, p)),
-            f"{t}.0.fn.to_out.0.weight": _Entry(f"{o}/attn/out", (d, d),
-                                                lambda w, k=k, p=p: w.T.reshape(k, p, -1)),
-            f"{t}.1.norm.weight": _Entry(f"{o}/sparse/norm/scale", (d,)),
-            f"{t}.1.norm.bias": _Entry(f"{o}/sparse/norm/bias", (d,)),
             f"{t}.1.fn.D": _Entry(f"{o}/sparse/D", (d, ratio * d)),
             f"{t}.1.fn.D1": _Entry(f"{o}/sparse/D1", (d, ratio * d)),
         }
