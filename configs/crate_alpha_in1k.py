@@ -23,7 +23,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.name = f"crate-alpha-{args.variant.lower()}"
     c.model.overrides = ml_collections.ConfigDict(dict(pool="cls", dtype="bfloat16"))
     c.data = ml_collections.ConfigDict(dict(
-        source="tfds", name="imagenet2012", data_dir=None, image_size=224, num_classes=1000,
+        source="tfds", name="imagenet2012", image_size=224, num_classes=1000,
+        data_dir=ml_collections.config_dict.placeholder(str),  # None: TFDS's default
         train_split="train", eval_split="validation", train_augment="inception_crop",
         randaugment=(2, 9), num_workers=32))
     c.init_from = args.init_from or None

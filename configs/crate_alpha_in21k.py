@@ -25,7 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.overrides = ml_collections.ConfigDict(dict(pool="cls", dtype="bfloat16",
                                                        remat="none"))
     c.data = ml_collections.ConfigDict(dict(
-        source="tfds", name="imagenet21k", data_dir=None, image_size=224,
+        source="tfds", name="imagenet21k", image_size=224,
+        data_dir=ml_collections.config_dict.placeholder(str),  # None: TFDS's default
         num_classes=IMAGENET21K_CLASSES, train_split="train", eval_split="validation",
         train_augment="inception_crop", num_workers=32))
     c.batch_size = 4096

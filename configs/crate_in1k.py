@@ -20,7 +20,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.name = f"crate-{args.variant.lower()}/16"
     c.model.overrides = ml_collections.ConfigDict(dict(pool="cls", dtype="bfloat16"))
     c.data = ml_collections.ConfigDict(dict(
-        source="tfds", name="imagenet2012", data_dir=None, image_size=224, num_classes=1000,
+        source="tfds", name="imagenet2012", image_size=224, num_classes=1000,
+        data_dir=ml_collections.config_dict.placeholder(str),  # None: TFDS's default
         train_split="train", eval_split="validation", train_augment="inception_crop",
         num_workers=16))
     c.batch_size = 2048

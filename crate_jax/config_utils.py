@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -31,6 +33,27 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return out
 
 
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def model_field_placeholders() -> dict[str, Any]:
+    """A typed None placeholder for every field of VisionConfig (so that a command-line
+    override parses to the field's type)."""
+    from crate_jax.models.config import VisionConfig
+
+    out = {}
+    for field in dataclasses.fields(VisionConfig):
+        type_name = str(field.type).split("|")[0].strip()
+        out[field.name] = config_dict.placeholder(_TYPES.get(type_name, str))
+    return out
+
+
+def model_overrides(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    """config.model's field settings: `overrides`, then every field set on its own."""
+    fields = {k: v for k, v in model.items() if k not in ("name", "overrides") and v is not None}
+    return {**dict(model.get("overrides") or {}), **fields}
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Engine defaults every config starts from (configs override what they need)."""
     c = ml_collections.ConfigDict()
@@ -51,8 +74,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = None  # a workdir or checkpoint directory to finetune from
     c.init_step = None
     c.reinit_head = True
+    # classification: Mixup / CutMix Beta alphas (0 = off), overridable from the command line
+    c.mixup = 0.0
+    c.cutmix = 0.0
+    c.mix_switch_prob = 0.5
 
-    c.model = ml_collections.ConfigDict({"name": "crate-alpha-b/16", "overrides": {}})
+    # Every model field can be set on the command line (--config.model.pool=gap); None
+    # keeps the registry's value, and `overrides` (a dict) is the configs' way to set several.
+    c.model = ml_collections.ConfigDict({"name": "crate-alpha-b/16", "overrides": {},
+                                         **model_field_placeholders()})
 
     c.optim = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05, mu_dtype=None,

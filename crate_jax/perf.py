@@ -44,6 +44,19 @@ def compiled_flops(fn: Callable, *args, **kwargs) -> float:
     return float(analysis.get("flops", 0.0))
 
 
+def step_flops(compiled: jax.stages.Compiled) -> float:
+    """FLOPs of one call of an already compiled (possibly sharded) program, for the global
+    batch. XLA's cost analysis of an SPMD-partitioned executable describes the program each
+    device runs, so it is scaled by the number of devices the program spans."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0]
+    per_device = float((analysis or {}).get("flops", 0.0))
+    shardings = jax.tree.leaves(compiled.input_shardings)
+    devices = len(shardings[0].device_set) if shardings else 1
+    return per_device * devices
+
+
 def mfu(model_flops_per_step: float, step_seconds: float, num_devices: int,
         device: jax.Device | None = None) -> float | None:
     """Model-FLOPs utilisation in [0, 1], or None when the peak of the device is unknown."""

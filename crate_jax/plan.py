@@ -219,9 +219,16 @@ def tpu_target_devices(accelerator: str) -> list:
                                              chip_config_name=chip_config).devices)
 
 
+def _backends_initialised() -> bool:
+    from jax._src import xla_bridge  # no public equivalent: jax.devices() would initialise
+    return xla_bridge.backends_are_initialized()
+
+
 def start_fake_devices(count: int, fast: bool) -> None:
     """XLA flags for `count` CPU devices; must run before jax initialises its backends."""
-    if "jax" in sys.modules:
+    # Importing jax (which orbax, etils and grain do) is harmless; only initialised backends
+    # have fixed their device count.
+    if "jax" in sys.modules and _backends_initialised():
         import jax
         if jax.device_count() >= count and jax.default_backend() == "cpu":
             return

@@ -1,20 +1,16 @@
-"""Classification input: TFDS (mocked, no tensorflow), image folders, the train and eval
-transforms, and the grain pipeline's determinism, host sharding and exact resume."""
+"""Classification input: image folders, the train and eval transforms (TFDS is tested on a
+real prepared dataset in test_tfds_arrayrecord.py), and the grain pipeline's determinism,
+host sharding and exact resume."""
 
 import io
-import os
 
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from crate_jax.data import images, pipeline
 from crate_jax.data.synthetic import ShapesClassification
-from crate_jax.train.loop import train_and_evaluate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _data(**kw):
@@ -88,18 +84,3 @@ def test_image_folder(tmp_path):
     assert source[5]["label"] == 1 and isinstance(source[5]["image"], bytes)
     with pytest.raises(FileNotFoundError, match=r"data\.data_dir"):
         images.ImageFolder(str(tmp_path), "test")
-
-
-def test_tfds_source_feeds_the_classification_trainer(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "demo_classification", os.path.join(ROOT, "configs", "demo_classification.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke")
-    config.checkpoint.async_save = False
-    config.data.update(source="tfds", name="cifar10", train_split="train", eval_split="test",
-                       num_classes=10, image_size=16, train_augment="inception_crop")
-    with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
-        final = train_and_evaluate(config, str(tmp_path))
-    assert final["step"] == config.total_steps and final["val/count"] == 48

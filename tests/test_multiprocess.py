@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 import pytest
+from multiprocess_utils import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "local", "multiprocess.sh")
@@ -36,7 +37,6 @@ STEPS = 6
 OVERRIDES = (f"--config.total_steps={STEPS}", f"--config.optim.total_steps={STEPS}",
              "--config.checkpoint.async_save=False", "--config.measure_flops=False",
              "--config.tensorboard=False")
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 TIMEOUT = 150
 
 
@@ -252,6 +252,7 @@ def test_when_jax_distributed_is_initialised(env, called_with, monkeypatch):
             monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setattr(mesh, "_initialized", False)  # each case decides afresh
     with mock.patch("jax.distributed.initialize") as initialize:
         assert mesh.maybe_initialize_distributed() == (called_with is not None)
     if called_with is None:

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from multiprocess_utils import FAST_COMPILE
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -45,7 +46,7 @@ def test_notebooks_are_generated_and_clean():
 def test_notebook_runs(name):
     nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as in a notebook session
+    env["XLA_FLAGS"] = FAST_COMPILE  # one CPU device, as in a notebook session
     env.pop("MPLBACKEND", None)  # the kernel's inline backend (headless)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     env.pop("CRATE_JAX_DEMO_RUN", None)

@@ -183,6 +183,13 @@ class ImageTextBatches:
         self._state = state
         self._start()
 
+    def set_states(self, states: list[dict]) -> None:
+        """Resume from every process's state of a run with another process count."""
+        self.close()
+        self.reader.set_states(states)
+        self._state = self.reader.get_state()
+        self._start()
+
     def metrics(self) -> dict[str, float]:
         return self.reader.stats.as_metrics()
 

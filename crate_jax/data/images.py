@@ -2,8 +2,9 @@
 
 Sources (random access, `source[i] -> {'image': uint8 HWC or encoded bytes, 'label': int}`):
     synthetic_shapes   procedurally generated shapes (crate_jax.data.synthetic), no files
-    tfds               any TFDS image dataset through tfds.data_source (imagenet2012, cifar10,
-                       an ImageNet-21K builder ...), read without tensorflow
+    tfds               any TFDS image dataset prepared in ArrayRecord format (imagenet2012,
+                       cifar10, an ImageNet-21K builder ...), read from its files through
+                       crate_jax.data.tfds_source without tensorflow
     folder             ROOT/SPLIT/CLASS_NAME/*.{jpg,jpeg,png,webp}, classes sorted by name
 Images leave the host as uint8; normalisation happens on the device.
 """
@@ -55,17 +56,8 @@ def image_source(data: Any, split: str):
         return ShapesClassification(split, num_examples=num, image_size=data.image_size,
                                     num_classes=data.num_classes, seed=data.get("seed", 0))
     if kind == "tfds":
-        import tensorflow_datasets as tfds
-        data_dir = data.get("data_dir")
-        if data_dir and not epath.Path(data_dir).exists():
-            raise FileNotFoundError(f"data.data_dir: {data_dir} does not exist")
-        try:
-            return tfds.data_source(data.name, split=split, data_dir=data_dir, download=False)
-        except Exception as e:  # tfds raises several types for a dataset that is not prepared
-            raise FileNotFoundError(
-                f"data.name={data.name!r} split={split!r}: not found under data.data_dir="
-                f"{data_dir!r} ({type(e).__name__}: {e}). Prepare it first: "
-                f"tfds build {data.name} --data_dir=...") from e
+        from crate_jax.data.tfds_source import open_data_source
+        return open_data_source(data.name, split, data.get("data_dir"), setting="data")
     if kind == "folder":
         return ImageFolder(data.data_dir, split)
     raise ValueError(f"data.source: unknown source {kind!r}; "

@@ -9,7 +9,8 @@ other extensions are ignored.
 Assignment and order. Shard ``i`` belongs to process ``i % process_count``. In epoch ``e`` a
 process visits its shards in the order ``np.random.default_rng([seed, e, process_index])
 .permutation``; inside a shard samples come in file order. Epochs never mix: an epoch yields every
-good sample of the process's shards exactly once.
+good sample of the process's shards exactly once. A checkpoint of another number of processes
+resumes at shard granularity through a remainder pass (`set_states`, crate_jax.data.wds_elastic).
 
 Shuffle buffer (``shuffle_buffer = B > 1``). Sample number ``i`` of the epoch's stream (counting
 good samples only) gets a delay ``d_i`` uniform in ``[0, B)``, a pure function of ``(seed, epoch,
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})
 _RELEVANT = IMAGE_EXTENSIONS | {"txt", "json"}
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2 added 'frontier' and 'remainder' (elastic resume); 1 still reads
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 # A corrupt size field must not make us allocate gigabytes; img2dataset members are far smaller.
@@ -519,7 +520,8 @@ class WebDatasetReader:
 
     'index' is the sample's position among the key groups of its shard (bad ones included), so
     ('shard', 'index') identifies a sample. See the module docstring for order, shuffling,
-    checkpoints and bad data. `get_state`/`set_state` give exact resume.
+    checkpoints and bad data. `get_state`/`set_state` give exact resume; `set_states` resumes the
+    states of a run with another process count (crate_jax.data.wds_elastic).
     """
 
     def __init__(self, shards: str | list[str], *, seed: int = 0, process_index: int | None = None,
@@ -551,6 +553,7 @@ class WebDatasetReader:
             raise ValueError(f"WebDatasetReader: max_bad_fraction must be in [0, 1], got "
                              f"{max_bad_fraction}")
         self.num_shards = len(all_shards)
+        self.all_shards = all_shards
         self.local_shards: list[str] = all_shards[process_index::process_count]
         self.seed, self.process_index, self.process_count = seed, process_index, process_count
         self.shuffle_buffer = shuffle_buffer
@@ -561,6 +564,7 @@ class WebDatasetReader:
         self.stats = ReaderStats()
         self._error: BaseException | None = None
         self._gen: Iterator[tuple[_Pos, dict[str, Any], _Pos]] | None = None
+        self.elastic_report: dict[str, Any] | None = None  # what set_states did, if elastic
         self._start_epoch(0, _START, index=0, last_emitted=None, quiet_until=None)
 
     # ---------------------------------------------------------------- iteration
@@ -572,16 +576,20 @@ class WebDatasetReader:
 
     def epoch_order(self, epoch: int) -> list[int]:
         """Indices into `local_shards` in the order epoch `epoch` visits them."""
-        rng = np.random.default_rng([self.seed, epoch, self.process_index])
-        return rng.permutation(len(self.local_shards)).tolist()
+        return shard_order(self.seed, epoch, self.process_index, len(self.local_shards))
 
     def _start_epoch(self, epoch: int, start: _Pos, *, index: int,
                      last_emitted: tuple[int, int] | None,
-                     quiet_until: tuple[int, int] | None) -> None:
+                     quiet_until: tuple[int, int] | None,
+                     plan: list[tuple[int, _Pos]] | None = None) -> None:
+        """Begin (or resume at `start`) a pass: epoch `epoch` over this process's shards, or,
+        with `plan`, the remainder pass of an elastic resume: (shard index, where to start
+        in it) for each shard, in order."""
         if self._gen is not None:
             self._gen.close()  # closes the open shard
         self._epoch = epoch
-        self._order = self.epoch_order(epoch)
+        self._plan = plan
+        self._order = self.epoch_order(epoch) if plan is None else []
         self._heap: list[tuple[int, int, dict[str, Any], _Pos]] = []
         self._next_index = index  # good-sample index, in this epoch, of the next sample read
         self._frontier = index - 1  # index of the last sample read
@@ -615,7 +623,7 @@ class WebDatasetReader:
                 self._last_emitted = (key, index)
                 return sample
             if self._exhausted:
-                if self._next_index == 0:
+                if self._next_index == 0 and self._plan is None:
                     raise RuntimeError(
                         f"WebDatasetReader: epoch {self._epoch} of process {self.process_index} "
                         f"yielded no good sample from its {len(self.local_shards)} shards "
@@ -630,7 +638,7 @@ class WebDatasetReader:
             if item is None:
                 self._exhausted = True
                 # Everything to the end of the epoch has been read (and counted) now.
-                self._read_pos = _Pos(len(self._order), 0, 0, 0, None)
+                self._read_pos = _Pos(self._pass_length(), 0, 0, 0, None)
                 continue
             pos, sample, next_pos = item
             index = self._next_index
@@ -657,10 +665,19 @@ class WebDatasetReader:
 
     def _read_epoch(self, start: _Pos) -> Iterator[tuple[_Pos, dict[str, Any], _Pos]]:
         """(position, sample, position after it) for the good samples of the epoch from `start`."""
-        for position in range(start.shard_position, len(self._order)):
-            shard = self.local_shards[self._order[position]]
-            here = start if position == start.shard_position else _Pos(position, 0, 0, 0, None)
-            yield from self._read_shard(shard, here)
+        for position in range(start.shard_position, self._pass_length()):
+            shard, here = self._pass_entry(position)
+            yield from self._read_shard(shard, start if position == start.shard_position else here)
+
+    def _pass_length(self) -> int:
+        return len(self._order) if self._plan is None else len(self._plan)
+
+    def _pass_entry(self, position: int) -> tuple[str, _Pos]:
+        """Shard number `position` of the current pass, and where reading it starts."""
+        if self._plan is None:
+            return self.local_shards[self._order[position]], _Pos(position, 0, 0, 0, None)
+        shard_index, start = self._plan[position]
+        return self.all_shards[shard_index], start
 
     def _counting(self, position: int, raw: int) -> bool:
         """Whether events at (position, raw) are new, i.e. not counted before the checkpoint."""
@@ -796,7 +813,9 @@ class WebDatasetReader:
 
         'shard_position', 'offset', 'raw_offset', 'byte_offset', 'member_key' and 'index' locate
         the oldest sample not yet yielded (with no shuffle buffer: the next one);
-        'last_emitted' is the sort key of the last yielded sample of the epoch.
+        'last_emitted' is the sort key of the last yielded sample of the epoch; 'frontier' the
+        index of the last sample read; 'remainder' the plan of an elastic resume's remainder
+        pass ([shard index, raw_offset, offset, byte_offset, member_key] per shard), else None.
         """
         if self._heap:
             _, index, _, pos = min(self._heap, key=lambda item: item[1])
@@ -815,12 +834,15 @@ class WebDatasetReader:
             "index": index,
             "last_emitted": None if self._last_emitted is None else list(self._last_emitted),
             "read_until": read_until,
+            "frontier": self._frontier,
+            "remainder": None if self._plan is None else [
+                [shard, *start[1:]] for shard, start in self._plan],
             "stats": dataclasses.asdict(self.stats),
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continue exactly where the reader that produced `state` was."""
-        if state.get("version") != _STATE_VERSION:
+        if state.get("version") not in (1, _STATE_VERSION):
             raise ValueError(f"WebDatasetReader: unknown state version {state.get('version')}")
         if state["config"] != self._config():
             raise ValueError(f"WebDatasetReader: state is for {state['config']}, this reader is "
@@ -831,9 +853,29 @@ class WebDatasetReader:
         start = _Pos(int(state["shard_position"]), int(state["raw_offset"]),
                      int(state["offset"]), int(state["byte_offset"]), state["member_key"])
         last = state["last_emitted"]
+        plan = state.get("remainder")
         self._start_epoch(int(state["epoch"]), start, index=int(state["index"]),
                           last_emitted=None if last is None else (int(last[0]), int(last[1])),
-                          quiet_until=tuple(state["read_until"]))
+                          quiet_until=tuple(state["read_until"]),
+                          plan=None if plan is None else [
+                              (int(e[0]), _Pos(k, int(e[1]), int(e[2]), int(e[3]), e[4]))
+                              for k, e in enumerate(plan)])
+
+    def set_states(self, states: list[dict[str, Any]]) -> None:
+        """Resume from the states of all processes of a run (process order), which may have had
+        another process count: exact when it had this one; otherwise at shard granularity, see
+        crate_jax.data.wds_elastic (the samples it repeats or skips are logged)."""
+        from crate_jax.data import wds_elastic
+
+        if len(states) == self.process_count:
+            self.set_state(states[self.process_index])
+            return
+        self.elastic_report = wds_elastic.resume(self, states)
+
+
+def shard_order(seed: int, epoch: int, process_index: int, num_local: int) -> list[int]:
+    """The order (indices into its local shards) in which a process visits them in `epoch`."""
+    return np.random.default_rng([seed, epoch, process_index]).permutation(num_local).tolist()
 
 
 def _chain_one(first: _Group, rest: Iterator[_Group]) -> Iterator[_Group]:

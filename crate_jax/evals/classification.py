@@ -46,10 +46,16 @@ def run_masked_average(batches: Iterable[dict], step_fn, params, rest, mesh) -> 
 
 
 def topk_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
-    """Per-example correctness at 1 and 5, and the cross-entropy loss."""
+    """Per-example correctness at 1 and 5, and the cross-entropy loss.
+
+    The label's rank counts every other class whose logit is not below the label's, so a tie
+    or a NaN counts against the example, and a NaN label logit ranks past the last class: a
+    broken model can never score. The loss is left NaN/inf for such a model, not hidden."""
     labels = labels.astype(jnp.int32)
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)
-    rank = jnp.sum(logits > label_logit, axis=1)  # classes scoring strictly higher
+    # ~(l < label) is True for the label itself (subtracted) and for every tie or NaN
+    rank = jnp.sum(~(logits < label_logit), axis=1) - 1
+    rank = jnp.where(jnp.isnan(label_logit[:, 0]), logits.shape[1], rank)
     loss = jax.nn.logsumexp(logits, axis=1) - label_logit[:, 0]
     return {"top1": (rank < 1).astype(jnp.float32), "top5": (rank < 5).astype(jnp.float32),
             "loss": loss}

@@ -2,7 +2,8 @@
 linear probe and k-NN classifier on frozen image features.
 
 Embeddings are computed sharded like training (one jitted encoder per evaluator) over padded
-batches; only the real rows (mask 1) come back to the host.
+batches; only the real rows (mask 1) come back to the host, in the split's order, so every
+process count gives the same metrics.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from crate_jax.parallel import host_batch_to_global, replicated
+from crate_jax.parallel import batch_sharding, host_batch_to_global, replicated
 from crate_jax.tasks.base import Evaluator
 from crate_jax.train.step import merge_model
 
@@ -38,36 +39,78 @@ def imagenet_class_names() -> list[str]:
     return [line.split("\t")[1] for line in text.splitlines() if not line.startswith("#")]
 
 
+def replicated_batch_to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Global arrays, split over the batch axes, from a host batch every process holds whole
+    (class prompts): each process fills its own devices' rows from its copy, so the global
+    batch is the host batch once, not once per process."""
+    sharding = batch_sharding(mesh)
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        out[key] = jax.make_array_from_callback(value.shape, sharding,
+                                                lambda index, v=value: v[index])
+    return out
+
+
 class Embedder:
-    """Runs `fn(model, batch) -> (B, e)` over masked batches and returns the real rows of every
-    process, in order, with the batch entries named in `keep` (labels, ids) alongside."""
+    """Runs `fn(model, batch) -> (B, e)` over masked batches and returns the real rows of the
+    whole split in example order, with the batch entries named in `keep` (labels, ids)
+    alongside.
+
+    Batches are either each process's own rows, dealt as `pipeline.eval_batches` deals them
+    (process p of P holds examples p, p + P, p + 2P, ...), or, with `shared=True`, the same
+    whole batch on every process. Either way the rows come back in the order of the split,
+    whatever the process count, so metrics that depend on the order (ties, summation order)
+    match a 1-process run."""
 
     def __init__(self, fn: Callable[[nnx.Module, dict], jax.Array]):
         self.fn = fn
         self._jitted = None
 
+    def _compile(self, graphdef, mesh, keep: Sequence[str]):
+        def run(params, rest, batch):
+            out = {k: batch[k] for k in (*keep, "mask", "row_index")}
+            out["embedding"] = self.fn(merge_model(graphdef, params, rest, train=False), batch)
+            return out
+        return jax.jit(run, out_shardings=replicated(mesh))
+
     def __call__(self, graphdef, params, rest, mesh, batches: Iterable[dict],
-                 keep: Sequence[str] = ()) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                 keep: Sequence[str] = (), *,
+                 shared: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         if self._jitted is None:
-            def run(params, rest, batch):
-                out = {k: batch[k] for k in (*keep, "mask")}
-                out["embedding"] = self.fn(merge_model(graphdef, params, rest, train=False),
-                                           batch)
-                return out
-            self._jitted = jax.jit(run, out_shardings=replicated(mesh))
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in (*keep, "embedding")}
+            self._jitted = self._compile(graphdef, mesh, keep)
+        process, count = (0, 1) if shared else (jax.process_index(), jax.process_count())
+        to_global = replicated_batch_to_global if shared else host_batch_to_global
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in (*keep, "row_index", "embedding")}
+        seen = 0
         for batch in batches:
-            out = jax.device_get(self._jitted(params, rest, host_batch_to_global(batch, mesh)))
+            rows = len(batch["mask"])
+            # the example index of each row in the split, carried through the device
+            index = (np.arange(seen, seen + rows) * count + process).astype(np.int32)
+            seen += rows
+            batch = to_global({**batch, "row_index": index}, mesh)
+            out = jax.device_get(self._jitted(params, rest, batch))
             real = out["mask"] > 0
             for k in parts:
                 parts[k].append(np.asarray(out[k])[real])
-        embeddings = np.concatenate(parts.pop("embedding"))
-        return embeddings, {k: np.concatenate(v) for k, v in parts.items()}
+        order = np.argsort(np.concatenate(parts.pop("row_index")), kind="stable")
+        embeddings = np.concatenate(parts.pop("embedding"))[order]
+        return embeddings, {k: np.concatenate(v)[order] for k, v in parts.items()}
+
+
+def label_rank(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """0-based rank of each row's label among its scores, counting against the label every
+    other class that ties it or is NaN; a NaN label score ranks past the last class. So ties
+    and NaN never count as correct."""
+    label_score = np.take_along_axis(scores, labels[:, None], axis=1)
+    with np.errstate(invalid="ignore"):
+        rank = np.sum(~(scores < label_score), axis=1) - 1  # -1: the label itself
+    return np.where(np.isnan(label_score[:, 0]), scores.shape[1], rank)
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    label_logit = np.take_along_axis(logits, labels[:, None], axis=1)
-    return float(np.mean(np.sum(logits > label_logit, axis=1) < k))
+    """Fraction of rows whose label ranks in the top k (ties and NaN count against)."""
+    return float(np.mean(label_rank(logits, labels) < k))
 
 
 class ZeroShotEvaluator(Evaluator):
@@ -102,7 +145,8 @@ class ZeroShotEvaluator(Evaluator):
                 pad = np.zeros((size - len(chunk), tokens.shape[1]), tokens.dtype)
                 yield {"tokens": np.concatenate([chunk, pad]), "mask": mask}
 
-        emb, _ = self._texts(graphdef, params, rest, mesh, batches())
+        # every process holds all the prompts: one global batch of them, not one per process
+        emb, _ = self._texts(graphdef, params, rest, mesh, batches(), shared=True)
         emb = emb.reshape(len(names), len(self.templates), -1)
         emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
         mean = emb.mean(1)
@@ -122,20 +166,32 @@ class ZeroShotEvaluator(Evaluator):
                 f"{self.name}/count": float(len(labels))}
 
 
+def _positive_rank(sim: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """Per row, the position of the best-scoring positive column, counting against it every
+    negative column that ties it or is NaN; rows whose positives are all NaN rank past the
+    end."""
+    with np.errstate(invalid="ignore"):
+        best = np.max(np.where(positive & ~np.isnan(sim), sim, -np.inf), axis=1, initial=-np.inf)
+        rank = np.sum(~positive & ~(sim < best[:, None]), axis=1)
+    usable = np.any(positive & ~np.isnan(sim), axis=1)
+    return np.where(usable, rank, sim.shape[1])
+
+
 def retrieval_recall(sim: np.ndarray, caption_image: np.ndarray,
                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """sim (images, captions); caption_image[j] = the image caption j describes.
 
     image→text R@k: some caption of the image is among its k best captions.
-    text→image R@k: the caption's image is among its k best images."""
-    out = {}
+    text→image R@k: the caption's image is among its k best images.
+    Ties and NaN similarities count against (a constant or NaN model scores 0)."""
     n_img = sim.shape[0]
-    order_t = np.argsort(-sim, axis=1)  # captions per image
-    order_i = np.argsort(-sim.T, axis=1)  # images per caption
+    positive = caption_image[None, :] == np.arange(n_img)[:, None]  # (images, captions)
+    rank_i2t = _positive_rank(sim, positive)
+    rank_t2i = _positive_rank(sim.T, positive.T)
+    out = {}
     for k in ks:
-        top_captions = caption_image[order_t[:, :k]]
-        out[f"i2t_R@{k}"] = float(np.mean(np.any(top_captions == np.arange(n_img)[:, None], 1)))
-        out[f"t2i_R@{k}"] = float(np.mean(np.any(order_i[:, :k] == caption_image[:, None], 1)))
+        out[f"i2t_R@{k}"] = float(np.mean(rank_i2t < k))
+        out[f"t2i_R@{k}"] = float(np.mean(rank_t2i < k))
     return out
 
 
@@ -170,7 +226,7 @@ def knn_accuracy(train_x, train_y, test_x, test_y, *, k: int = 20, temperature: 
     scores = np.zeros((len(test_x), num_classes))
     np.add.at(scores, (np.repeat(np.arange(len(test_x)), idx.shape[1]), train_y[idx].ravel()),
               weights.ravel())
-    return float(np.mean(scores.argmax(1) == test_y))
+    return float(np.mean(label_rank(scores, test_y) < 1))  # a tied or NaN vote never wins
 
 
 def linear_probe_accuracy(train_x, train_y, test_x, test_y, *, num_classes: int,
@@ -198,7 +254,7 @@ def linear_probe_accuracy(train_x, train_y, test_x, test_y, *, num_classes: int,
         return params
 
     w, b = fit((w, b))
-    return float(np.mean(np.asarray(xte @ w + b).argmax(1) == test_y))
+    return float(np.mean(label_rank(np.asarray(xte @ w + b), test_y) < 1))
 
 
 class ProbeEvaluator(Evaluator):

@@ -65,6 +65,31 @@ class TowerConfig:
         _check_choice(self.param_dtype, "param_dtype", DTYPES)
         _check_choice(self.attention_impl, "attention_impl", ATTENTION_IMPLS)
         _check_choice(self.remat, "remat", REMAT_POLICIES)
+        self._check_family_fields()
+
+    # Fields that only some block families read: (field, families that use it, why not).
+    _FAMILY_FIELDS = (
+        ("mlp_dim", ("vit",), "has no MLP: its sparse-coding step is ISTA (CRATE) or ODL "
+         "(CRATE-α, width overcomplete_ratio·width)"),
+        ("overcomplete_ratio", ("crate_alpha",), "has no overcomplete dictionary (only "
+         "CRATE-α's ODL does)"),
+        ("ista_steps", ("crate_alpha",), "unrolls no ISTA steps (CRATE's ISTA block is one "
+         "step; only CRATE-α's ODL unrolls several)"),
+        ("eta", ("crate", "crate_alpha"), "has no ISTA step size"),
+        ("lam", ("crate", "crate_alpha"), "has no sparsity penalty"),
+        ("layer_scale_init", ("crate_alpha", "vit"), "has no residual around its ISTA step, "
+         "so LayerScale cannot apply to every branch"),
+    )
+
+    def _check_family_fields(self) -> None:
+        """A field the chosen block family does not read is an error, never silently
+        ignored (DESIGN.md §5): it names the field and the family."""
+        defaults = {f.name: f.default for f in dataclasses.fields(TowerConfig)}
+        for name, families, why in self._FAMILY_FIELDS:
+            if self.block not in families and getattr(self, name) != defaults[name]:
+                raise ValueError(f"{name}: the '{self.block}' block {why}; {name} applies to "
+                                 f"{' and '.join(repr(f) for f in families)} only, got "
+                                 f"{name}={getattr(self, name)!r}")
 
     @property
     def eps(self) -> float:
@@ -110,6 +135,9 @@ class VisionConfig(TowerConfig):
             _check(self.width % 4 == 0, "width",
                    f"sincos2d position embedding needs width divisible by 4, got {self.width}")
             _check(self.block != "crate", "posemb", "CRATE uses a learned position embedding")
+        _check(self.stem_bias or self.block != "crate", "stem_bias",
+               "the 'crate' block's linear patch embedding always has a bias (DESIGN.md §1); "
+               "stem_bias applies to 'crate_alpha' and 'vit' only")
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -56,11 +55,18 @@ _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAM
                   "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
 
 
+_initialized = False
+
+
 def maybe_initialize_distributed() -> bool:
     """Call jax.distributed.initialize when this process is one of several (a TPU pod slice,
-    SLURM, Open MPI, or an explicit JAX_COORDINATOR_ADDRESS). Returns whether it did.
+    SLURM, Open MPI, or an explicit JAX_COORDINATOR_ADDRESS). Returns whether it did (now or
+    in an earlier call: calling it twice is harmless).
     CRATE_DISTRIBUTED=1 always calls it (a Cloud TPU VM slice, whose workers jax finds on the
     metadata server; launch/tpu/run.sh sets it), CRATE_DISTRIBUTED=0 never."""
+    global _initialized
+    if _initialized:
+        return True
     forced = os.environ.get("CRATE_DISTRIBUTED", "")
     if forced == "0":
         return False
@@ -81,9 +87,7 @@ def maybe_initialize_distributed() -> bool:
                       process_id=int(os.environ["JAX_PROCESS_ID"]) if os.environ.get(
                           "JAX_PROCESS_ID") else None)
     jax.distributed.initialize(**kwargs)
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count())
+    _initialized = True
     return True
 
 

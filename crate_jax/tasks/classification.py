@@ -2,8 +2,9 @@
 
 Loss: softmax cross-entropy with label smoothing ε (targets (1 − ε)·onehot + ε/C), or, for
 multi-label data (`loss='sigmoid'`, labels as a multi-hot 'labels' array or single 'label'),
-the sigmoid cross-entropy summed over classes. Mixup/CutMix mix the images and the targets on
-the device. Evaluation: top-1 / top-5 over the whole validation split.
+the sigmoid cross-entropy summed over classes. Mixup/CutMix (config.mixup, config.cutmix: the
+Beta α of each, 0 = off; config.mix_switch_prob) mix the images and the targets on the device,
+within each device's shard of the batch. Evaluation: top-1 / top-5 over the whole validation split.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from crate_jax import models
+from crate_jax import config_utils, models
 from crate_jax.data import images as image_data
 from crate_jax.data import pipeline
 from crate_jax.evals.classification import ClassificationEvaluator
+from crate_jax.parallel import DEFAULT_RULES
 from crate_jax.tasks import mixing
 from crate_jax.tasks.base import Task
 
@@ -34,14 +36,14 @@ def normalize(images: jax.Array, mean, std) -> jax.Array:
 class ClassificationTask(Task):
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         cfg = self.config.model
-        overrides = dict(cfg.get("overrides", {}))
+        overrides = config_utils.model_overrides(cfg)
         overrides.setdefault("num_classes", self.config.data.num_classes)
         overrides.setdefault("image_size", self.config.data.image_size)
         return models.create(cfg.name, rngs=rngs, **overrides)
 
     def num_layers(self) -> int:
         return models.config_for(self.config.model.name,
-                                 **dict(self.config.model.get("overrides", {}))).depth
+                                 **config_utils.model_overrides(self.config.model)).depth
 
     def _preprocess(self, batch: dict) -> jax.Array:
         data = self.config.data
@@ -60,13 +62,20 @@ class ClassificationTask(Task):
             return batch["labels"].astype(jnp.float32)
         return jax.nn.one_hot(batch["label"], num_classes)
 
+    def batch_axes(self) -> tuple[str, ...]:
+        """The mesh axes the batch is split over (config.sharding_rules, else the defaults)."""
+        rules = {**DEFAULT_RULES, **dict(self.config.get("sharding_rules") or {})}
+        axes = rules["batch"]
+        return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
     def loss(self, model, batch, rng):
         cfg = self.config
         images = self._preprocess(batch)
         targets = self.targets(batch)
-        images, targets = mixing.mix(rng, images, targets, mixup_alpha=cfg.get("mixup", 0.0),
-                                     cutmix_alpha=cfg.get("cutmix", 0.0),
-                                     switch_prob=cfg.get("mix_switch_prob", 0.5))
+        images, targets = mixing.mix_sharded(
+            rng, images, targets, batch_axes=self.batch_axes(),
+            mixup_alpha=cfg.get("mixup", 0.0), cutmix_alpha=cfg.get("cutmix", 0.0),
+            switch_prob=cfg.get("mix_switch_prob", 0.5))
         logits = model(images)
         if cfg.get("loss", "softmax") == "sigmoid":
             loss = optax.sigmoid_binary_cross_entropy(logits, targets).sum(-1).mean()

@@ -29,6 +29,18 @@ def num_kept(grid: int, keep: float, strategy: str) -> int:
     return max(1, round(grid * grid * keep))
 
 
+def check_reduction(grid: int, keep: float, strategy: str, tolerance: float = 0.15) -> None:
+    """Refuse a `keep` that `strategy` cannot honour on a g×g grid: the fraction of patches it
+    really keeps must be within `tolerance` (relative) of `keep`. For example 'grid' keeps
+    1/s² of the patches (s = round(1/√keep)), so keep=0.5 would keep all of them."""
+    kept = num_kept(grid, keep, strategy) / (grid * grid)
+    if abs(kept - keep) > tolerance * keep:
+        raise ValueError(
+            f"image_reduction: strategy {strategy!r} with keep={keep} keeps {kept:.3f} of the "
+            f"{grid}×{grid} patches, not {keep}; choose a keep it can honour (grid: 1/s², e.g. "
+            "0.25 or 0.111) or strategy 'random'")
+
+
 def patch_keep_indices(rng: jax.Array, batch: int, grid: int, keep: float,
                        strategy: str) -> jax.Array | None:
     """(batch, k) int32 indices of the kept patches, or None for 'none' / keep ≥ 1."""
@@ -38,6 +50,7 @@ def patch_keep_indices(rng: jax.Array, batch: int, grid: int, keep: float,
         return None
     if not 0.0 < keep < 1.0:
         raise ValueError(f"image_reduction.keep: must be in (0, 1], got {keep}")
+    check_reduction(grid, keep, strategy)
     n = grid * grid
     if strategy == "random":
         k = num_kept(grid, keep, strategy)

@@ -2,10 +2,14 @@
 
 One step directory holds
     state/   step, params, opt_state   (sharded arrays; every process writes its shards)
-    data/    process_{i}-of-{n}.json   (each process's data iterator state)
+    data/    process_{i}-of-{n}.json   (each process's data iterator state; a run with another
+                                        number of processes resumes from all of them)
+    digest/  a checksum of every array of state/ (state_digest), checked after each restore
 Saves are asynchronous; orbax writes into a temporary directory and renames it when every
 item is complete, so a save cut off by a crash or SIGKILL is never listed or restored.
 Retention keeps the last `keep` checkpoints plus the `keep_best` best by an eval metric.
+On resume, a newest checkpoint that cannot be read (missing or cut files, arrays that fail their
+checksum) is logged, moved to checkpoints/damaged/ and the one before it restored.
 Restoring onto a different mesh works: arrays are restored into the shardings of the target.
 """
 
@@ -14,18 +18,41 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import os
+import re
+import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from crate_jax.parallel.mesh import process_files_suffix
+from crate_jax.train.state_digest import compare_digests, state_digest
+
+_STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def _saved_states(directory: epath.Path) -> dict[int, dict[int, epath.Path]]:
+    """The data-state files in `directory`: {process count: {process index: path}}."""
+    found: dict[int, dict[int, epath.Path]] = {}
+    for path in directory.glob("process_*.json"):
+        match = _STATE_FILE.fullmatch(path.name)
+        if match:
+            found.setdefault(int(match[2]), {})[int(match[1])] = path
+    return found
 
 
 class DataStateHandler(ocp.CheckpointHandler):
     """Saves `iterator.get_state()` (a JSON-able dict) per process, and restores it with
-    `iterator.set_state(...)`. Works for any iterator with those two methods."""
+    `iterator.set_state(...)`. Works for any iterator with those two methods.
+
+    Elastic resume: when the checkpoint was written by another number of processes, every
+    saved state (process order) goes to `iterator.set_states([...])`, which the grain and
+    webdataset iterators implement."""
 
     def save(self, directory: epath.Path, args: DataStateSave) -> None:
         state = args.iterator.get_state()
@@ -33,11 +60,26 @@ class DataStateHandler(ocp.CheckpointHandler):
 
     def restore(self, directory: epath.Path, args: DataStateRestore) -> Any:
         path = directory / f"process_{process_files_suffix()}.json"
-        if not path.exists():
+        if path.exists():
+            args.iterator.set_state(json.loads(path.read_text()))
+            return args.iterator
+        found = _saved_states(directory)
+        names = sorted(p.name for files in found.values() for p in files.values())
+        complete = [n for n, files in found.items() if sorted(files) == list(range(n))]
+        count = jax.process_count()
+        if len(complete) != 1 or count in found:
             raise FileNotFoundError(
-                f"checkpoint {directory.parent} has no data state for this process ({path.name}); "
-                "it was written by a run with a different number of processes")
-        args.iterator.set_state(json.loads(path.read_text()))
+                f"checkpoint {directory.parent}: no data state for this process: expected "
+                f"{path.name} in {directory}, found {names or 'no process_*.json files'}")
+        saved = complete[0]
+        if not hasattr(args.iterator, "set_states"):
+            raise ValueError(
+                f"checkpoint {directory.parent} was written by {saved} processes, this run has "
+                f"{count}, and its data iterator ({type(args.iterator).__name__}) has no "
+                "set_states() to resume with a different process count")
+        logging.info("data state of %d processes, resumed by %d (elastic)", saved, count)
+        args.iterator.set_states([json.loads(found[saved][i].read_text())
+                                  for i in range(saved)])
         return args.iterator
 
     def structure(self, directory: epath.Path) -> None:
@@ -68,6 +110,52 @@ def _int_keys(tree: Any) -> Any:
             for k, v in tree.items()}
 
 
+class CheckpointDamagedError(RuntimeError):
+    """A checkpoint that cannot be restored as saved (missing or damaged files, or arrays that
+    do not match their checksum)."""
+
+
+def _check_complete(step_dir: epath.Path) -> None:
+    """Raise CheckpointDamagedError naming the first missing part orbax would trip over
+    (a missing state/_METADATA restores with a target, but the checkpoint is incomplete)."""
+    if not step_dir.exists():
+        problem = "the step directory is gone"
+    elif not any(step_dir.iterdir()):
+        problem = "the step directory is empty"
+    elif not (step_dir / "state").exists():
+        problem = "state/ is missing"
+    elif not (step_dir / "state" / "_METADATA").exists():
+        problem = "state/_METADATA is missing"
+    else:
+        return
+    raise CheckpointDamagedError(f"{step_dir}: {problem}")
+
+
+def _fault(step_dir: epath.Path, error: BaseException) -> str:
+    """What is wrong, in one line: the innermost cause (tensorstore's message names the file
+    and the byte range; orbax's wrapper only prints the array spec)."""
+    if isinstance(error, CheckpointDamagedError):
+        return str(error).removeprefix(f"{step_dir}: ")
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:400] if lines else ''}"
+
+
+def _all_processes_ok(ok: bool) -> bool:
+    """True only if every process says ok, so all processes restore the same step."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _str_keys(tree: Any) -> Any:
+    """The inverse of _int_keys: orbax names every saved key as a string."""
+    if not isinstance(tree, dict):
+        return tree
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+
+
 class Checkpointer:
     """The run's checkpoints in `directory` (usually WORKDIR/checkpoints)."""
 
@@ -87,7 +175,8 @@ class Checkpointer:
         self.best_metric = best_metric
         self.manager = ocp.CheckpointManager(
             epath.Path(directory), options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": DataStateHandler()})
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": DataStateHandler(),
+                           "digest": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -95,35 +184,130 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_iterator: Any,
              metrics: dict[str, float] | None = None) -> None:
         """Start an (asynchronous) save; the arrays are copied before this returns, so the
-        caller may donate them to the next step right away."""
+        caller may donate them to the next step right away. A checksum of every array
+        (state_digest) is saved alongside, and checked by `restore`."""
         if metrics is not None and self.best_metric not in metrics:
             metrics = None  # without the ranking metric it is kept as a "latest" only
+        elif metrics is not None and not math.isfinite(float(metrics[self.best_metric])):
+            # NaN compares false both ways, so BestN could rank it best; keep it as "latest"
+            logging.warning("checkpoint %d: %s is %s, so it is saved without metrics and never "
+                            "kept as a best checkpoint", step, self.best_metric,
+                            metrics[self.best_metric])
+            metrics = None
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=DataStateSave(data_iterator)),
+            state=ocp.args.StandardSave(state), data=DataStateSave(data_iterator),
+            digest=ocp.args.JsonSave(state_digest(state))),
             metrics=metrics, force=True)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
         """Restore step `step` into the shardings of `abstract_state` (a tree of
-        jax.ShapeDtypeStruct with .sharding); the data iterator is repositioned in place."""
+        jax.ShapeDtypeStruct with .sharding) and check it against the checksum saved with it;
+        then the data iterator is repositioned in place. If anything fails, the iterator is
+        put back where it was and the error is raised."""
+        step_dir = self.manager.directory / str(step)
+        _check_complete(step_dir)
         items = dict(state=ocp.args.StandardRestore(abstract_state))
-        if data_iterator is not None:
-            items["data"] = DataStateRestore(data_iterator)
+        has_digest = (step_dir / "digest").exists()  # checkpoints written before it have none
+        if has_digest:
+            items["digest"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if has_digest:
+            problem = compare_digests(restored["digest"], state_digest(restored["state"]))
+            if problem:
+                raise CheckpointDamagedError(f"{step_dir}: {problem}")
+        if data_iterator is not None:
+            before = data_iterator.get_state()
+            try:
+                self.manager.restore(step, args=ocp.args.Composite(
+                    data=DataStateRestore(data_iterator)))
+            except BaseException:
+                data_iterator.set_state(before)  # a failed restore must not move the iterator
+                raise
         logging.info("restored checkpoint at step %d", step)
         return restored["state"]
 
-    def restore_params(self, step: int | None, sharding: jax.sharding.Sharding) -> Any:
-        """The parameters of a checkpoint with their saved shapes, placed with `sharding`
-        (for finetuning from it, where shapes may then be adapted)."""
+    def restore_latest(self, abstract_state: Any,
+                       data_iterator: Any | None) -> tuple[int | None, Any]:
+        """(step, state) of the newest checkpoint that restores and passes its checksum, or
+        (None, None) when there is no checkpoint. An unreadable newer checkpoint is logged
+        (which step directory, what is wrong) and moved to checkpoints/damaged/, never
+        deleted. If checkpoints exist but none can be read, raises CheckpointDamagedError
+        listing them and moves nothing (a model/config mismatch looks the same)."""
+        self.manager.reload()
+        faults: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            step_dir = self.manager.directory / str(step)
+            try:
+                state = self.restore(step, abstract_state, data_iterator)
+                error = None
+            except Exception as e:  # any failure to read it makes it unusable; say which
+                state, error = None, _fault(step_dir, e)
+            if _all_processes_ok(error is None):
+                for bad, _ in faults:
+                    self._move_aside(bad)
+                return step, state
+            error = error or "another process could not read it"
+            logging.warning("checkpoint %s cannot be restored (%s); trying the one before it",
+                            step_dir, error)
+            faults.append((step, error))
+        if faults:
+            listing = "\n".join(f"  {self.manager.directory / str(s)}: {e}" for s, e in faults)
+            raise CheckpointDamagedError(
+                f"none of the {len(faults)} checkpoints in {self.manager.directory} can be "
+                f"restored; they were left in place:\n{listing}\nIf the config changed, use the "
+                "original one; to start over, move the checkpoints directory away.")
+        return None, None
+
+    def _move_aside(self, step: int) -> None:
+        """Move an unreadable step to checkpoints/damaged/<step>-<time>, out of orbax's sight
+        (it is no longer listed, and a new save of the same step does not collide)."""
+        source = self.manager.directory / str(step)
+        target = (self.manager.directory / "damaged"
+                  / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source.rename(target)
+            logging.warning("moved the unreadable checkpoint %s to %s", source, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
+        self.manager.reload()
+
+    def saved_params(self, step: int | None) -> tuple[int, dict]:
+        """(step, the shapes and dtypes of that checkpoint's parameters) from its metadata,
+        as a nested dict of jax.ShapeDtypeStruct; no array is read. None: the latest step."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
         saved = self.manager.item_metadata(step)["state"]
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                              dict(saved))
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))
-        return _int_keys(restored["state"]["params"])
+        if "params" not in saved:
+            raise ValueError(f"checkpoint {self.manager.directory}/{step} holds no 'params'")
+        shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                              dict(saved["params"]))
+        return step, _int_keys(shapes)
+
+    def restore_param_subset(self, step: int, target: Any) -> Any:
+        """The parameter leaves named in `target` (a nested dict of jax.ShapeDtypeStruct with
+        .sharding, any subset of the saved parameters), read straight into those shardings:
+        every process reads only its own shards, and the rest of the state (optimizer
+        moments, other parameters) is not read at all (orbax partial restore)."""
+        item = {"params": _str_keys(target)}
+        restore_args = jax.tree.map(
+            lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
+                                           dtype=s.dtype), item)
+        path = ocp.step.find_step_path(self.manager.directory, ocp.step.standard_name_format(),
+                                       step=step) / "state"
+        restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+            path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                              partial_restore=True))
+        return _int_keys(restored["params"])
+
+    def restore_params(self, step: int | None, sharding: jax.sharding.Sharding) -> Any:
+        """The parameters of a checkpoint with their saved shapes, placed with `sharding`
+        (tools and tests; finetuning places each leaf with restore_param_subset)."""
+        step, saved = self.saved_params(step)
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                             sharding=sharding), saved)
+        return self.restore_param_subset(step, target)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

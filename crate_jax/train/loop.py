@@ -1,21 +1,24 @@
 """The training loop every task runs on, top to bottom.
 
-    mesh, task, abstract model → shardings from the logical-axis rules
-    init params + optimizer state directly into their shardings (one jit, nothing gathered)
+    checks: config values, task, mesh, batch divisibility, the model (abstractly), the data
+            sources, the saved config of a run to resume; all before anything is written
+    init params into their shardings (one jit, nothing gathered); compile the step once
+    workdir: config.json, checkpoints, metrics (only now is anything written)
     finetune: load another run's parameters and adapt them (new head, resized posemb / stem)
-    resume: the latest complete checkpoint in WORKDIR/checkpoints (state + data position)
+    resume: the newest readable checkpoint in WORKDIR/checkpoints (state + data position)
     loop: host batch → global array → jitted step (donated state) → log / eval / save
-    SIGTERM or a preemption notice: save, then return cleanly
-    a non-finite loss: stop with the step; the last good checkpoint stays untouched
+    SIGTERM at any moment: save what can be saved, then return cleanly
+    a non-finite loss or state: stop with the step and the parameter; nothing non-finite is
+    ever saved, so the last checkpoint stays good
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import logging
 import math
-import signal
+import os
 import time
 from typing import Any
 
@@ -27,8 +30,7 @@ import optax
 from etils import epath
 from flax import nnx
 
-from crate_jax import perf, tasks
-from crate_jax.models.resize import adapt_for_finetune
+from crate_jax import config_check, perf, tasks
 from crate_jax.parallel import (
     DEFAULT_RULES,
     batch_sharding,
@@ -39,15 +41,18 @@ from crate_jax.parallel import (
     replicated,
 )
 from crate_jax.parallel.sharding import data_parallel_size
-from crate_jax.train import optim
+from crate_jax.train import logfile, optim, signals
 from crate_jax.train.checkpoint import Checkpointer
+from crate_jax.train.finetune import finetune_params, load_towers
 from crate_jax.train.metrics import MetricWriter, Throughput, progress_line
 from crate_jax.train.step import make_train_step, split_frozen
 
-# Settings that may change when a run resumes; any other difference is an error.
-RESUME_SAFE_KEYS = ("log_every", "eval_every", "save_every", "profile", "wandb_project",
-                    "data.num_workers", "checkpoint.keep", "checkpoint.async_save",
-                    "eval_batch_size")
+# Settings that may change when a run resumes; any other difference is an error. Raising
+# total_steps extends a run: the learning-rate schedule stays the one optim.total_steps
+# defines (steps past its end run at optim.end_lr).
+RESUME_SAFE_KEYS = ("total_steps", "log_every", "eval_every", "checkpoint.every", "profile",
+                    "wandb_project", "tensorboard", "measure_flops", "data.num_workers",
+                    "checkpoint.keep", "checkpoint.async_save", "eval_batch_size")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -59,10 +64,11 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-    """Save the resolved config on the first start; on a restart, refuse a different one."""
-    path = workdir / "config.json"
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
+    """The resolved config as JSON; if `workdir` holds a run already, refuse a different one
+    (apart from RESUME_SAFE_KEYS). Writes nothing."""
     resolved = json.loads(config.to_json_best_effort(sort_keys=True))
+    path = workdir / "config.json"
     if path.exists():
         saved = _flatten(json.loads(path.read_text()))
         new = _flatten(resolved)
@@ -73,8 +79,14 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path)
             details = "; ".join(f"{k}: {saved.get(k)!r} → {new.get(k)!r}" for k in differs[:8])
             raise ValueError(f"workdir {workdir} holds a run with a different config ({details}). "
                              "Use a new --workdir, or the original settings to resume.")
-    elif jax.process_index() == 0:
-        path.write_text(json.dumps(resolved, indent=2, sort_keys=True))
+    return resolved
+
+
+def save_workdir_config(resolved: dict, workdir: epath.Path) -> None:
+    """Create the workdir and write config.json (process 0; the latest settings win)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
 
 
 def _check_batch(config, mesh) -> int:
@@ -91,240 +103,277 @@ def _check_batch(config, mesh) -> int:
 
 
 class _StopSignal:
-    """Turns SIGTERM (preemption on most clusters) into a flag the loop checks every step."""
+    """Whether to stop now: a SIGTERM seen by crate_jax.train.signals (one process), or, with
+    several processes, jax.distributed's preemption sync point, which every process reaches
+    at the same step."""
 
     def __init__(self):
-        self.received = False
-        self._previous = None
-
-    def __enter__(self):
-        def handler(signum, frame):
-            logging.warning("signal %d: will save a checkpoint and stop", signum)
-            self.received = True
-        if jax.process_count() > 1:
-            # jax.distributed's preemption notifier owns SIGTERM: every process then stops at
-            # the same step (reached_preemption_sync_point). A handler of ours would replace it,
-            # and a process stopping alone deadlocks the others at the next collective.
-            return self
-        with contextlib.suppress(ValueError):  # not the main thread: no handler
-            self._previous = signal.signal(signal.SIGTERM, handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        self._local = jax.process_count() == 1
+        if self._local and not signals.installed():
+            signals.install()  # train_and_evaluate called from Python rather than main
 
     def should_stop(self, step: int) -> bool:
-        if self.received:
-            return True
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            with contextlib.suppress(Exception):  # no preemption service: only SIGTERM counts
-                return bool(multihost_utils.reached_preemption_sync_point(step))
+        if self._local:
+            return signals.received()
+        from jax.experimental import multihost_utils
+        with contextlib.suppress(Exception):  # no preemption service: only SIGTERM counts
+            return bool(multihost_utils.reached_preemption_sync_point(step))
         return False
 
 
-def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer) -> None:
-    loss = float(metrics["train/loss"])
-    if not math.isfinite(loss):
-        raise FloatingPointError(
-            f"non-finite loss {loss} at step {step}; stopping. The last good checkpoint "
-            f"(step {checkpointer.latest_step()}) is intact.")
+def _first_non_finite(tree: Any) -> str | None:
+    """The path of the first leaf of `tree` holding a NaN or an infinity, or None."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.isfinite(leaf).all()):
+            return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return None
 
 
-def _finetune_params(config, params, shardings, mesh) -> dict:
-    """Parameters from config.init_from (another run's workdir or checkpoint directory),
-    adapted to this model: fresh head, position embedding and patch stem resized."""
-    source = epath.Path(config.init_from)
-    directory = source / "checkpoints" if (source / "checkpoints").exists() else source
-    loaded = Checkpointer(directory, async_save=False).restore_params(
-        config.get("init_step"), replicated(mesh))
-    adapted, notes = adapt_for_finetune(
-        jax.device_get(loaded), jax.device_get(params),
-        reinit_head=config.get("reinit_head", True))
-    for note in notes:
-        logging.info("finetune: %s", note)
-    return jax.device_put(adapted, shardings)
+def _check_finite(metrics: dict, step: int, state: dict, last_saved: int | None) -> None:
+    """Stop at a non-finite loss or a non-finite new state (params, optimizer moments), naming
+    the step, the first bad parameter and the last good checkpoint."""
+    values = jax.device_get({k: metrics[k] for k in ("train/loss", "train/state_finite")
+                             if k in metrics})
+    loss, finite = float(values["train/loss"]), bool(values.get("train/state_finite", True))
+    if math.isfinite(loss) and finite:
+        return
+    where = _first_non_finite(state["params"])
+    where = (f"parameter {where}" if where else
+             f"optimizer state {_first_non_finite(state['opt_state']) or '(none found)'}")
+    last = (f"The last good checkpoint is step {last_saved}; it holds no non-finite value."
+            if last_saved is not None else "No checkpoint was saved before it.")
+    raise FloatingPointError(
+        f"non-finite {'loss ' + str(loss) if not math.isfinite(loss) else 'state'} at step "
+        f"{step} (first non-finite: {where}); stopping. {last} Lower optim.lr, raise "
+        "optim.eps or check the data, then rerun the same command to resume.")
 
 
-def _load_towers(specs, params, shardings, mesh) -> dict:
-    """Copy whole top-level parameter groups (e.g. 'text', 'text_proj') from other runs:
-    config.init_towers = [{'from': RUN_OR_CHECKPOINT_DIR, 'keys': ['text', 'text_proj']}]."""
-    params = dict(params)
-    for spec in specs:
-        source = epath.Path(spec["from"])
-        directory = source / "checkpoints" if (source / "checkpoints").exists() else source
-        loaded = jax.device_get(Checkpointer(directory, async_save=False).restore_params(
-            spec.get("step"), replicated(mesh)))
-        for key in spec["keys"]:
-            if key not in loaded:
-                raise ValueError(f"init_towers: {directory} has no parameter group {key!r}; "
-                                 f"it has {sorted(loaded)}")
-            want = jax.tree.map(lambda x: x.shape, params[key])
-            got = jax.tree.map(lambda x: x.shape, loaded[key])
-            if want != got:
-                raise ValueError(f"init_towers: {key!r} from {directory} has other shapes than "
-                                 "this model's (a different size or context length)")
-            params[key] = jax.device_put(loaded[key], shardings[key])
-            logging.info("init_towers: %s loaded from %s", key, directory)
-    return params
+@dataclasses.dataclass
+class _Run:
+    """Everything the loop needs, built before the first step."""
+
+    config: ml_collections.ConfigDict
+    workdir: epath.Path
+    task: tasks.Task
+    mesh: jax.sharding.Mesh
+    rules: dict
+    local_batch: int
+    graphdef: nnx.GraphDef
+    p_shard: Any
+    frozen: tuple[str, ...]
+    resolved: dict
+    stop: _StopSignal
+    rest: Any = None
+    tx: Any = None
+    state_shard: Any = None
+    train_step: Any = None
+    train_iter: Any = None
+    evaluators: list = dataclasses.field(default_factory=list)
+    checkpointer: Checkpointer | None = None
+    writer: MetricWriter | None = None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train (or resume) the task in `config` in `workdir`; returns the final metrics."""
-    maybe_initialize_distributed()
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    check_workdir_config(config, workdir)
+def _setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
+    """Every check that needs no parameters: values, task, mesh, batch, the model's shapes,
+    the saved config of a run to resume. Nothing is written."""
+    config_check.validate(config)
     task = tasks.get(config.trainer)(config)
     mesh = make_mesh(config.get("mesh", {"fsdp": -1}))
     rules = {**DEFAULT_RULES, **dict(config.get("sharding_rules") or {})}
     local_batch = _check_batch(config, mesh)
-    total_steps = config.total_steps
-
     # Abstract shapes first, outside the mesh context: the parameters' out_sharding metadata
     # holds logical names, which only our rules (not nnx) translate into mesh axes.
     abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
     graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
     p_shard = param_shardings(abstract_params, mesh, rules)
+    frozen = tuple(config.get("freeze") or ())
+    split_frozen(nnx.to_pure_dict(abstract_params), frozen)  # unknown groups: an error now
+    resolved = check_workdir_config(config, workdir)
+    return _Run(config, workdir, task, mesh, rules, local_batch, graphdef, p_shard, frozen,
+                resolved, _StopSignal())
 
-    with jax.set_mesh(mesh):
-        # --- parameters and optimizer state, created in place ---
 
-        def init():
-            model = task.build_model(nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-            _, params, rest = nnx.split(model, nnx.Param, ...)
-            return nnx.to_pure_dict(params), rest
+def _init_params(run: _Run) -> dict:
+    """Fresh parameters in their shardings; sets run.rest, run.tx and run.state_shard."""
+    config = run.config
 
-        params, rest = jax.jit(init, out_shardings=(p_shard, replicated(mesh)))()
-        frozen = tuple(config.get("freeze") or ())
-        trainable, _ = split_frozen(params, frozen)
-        tx = optim.make_optimizer(config.optim, trainable, num_layers=task.num_layers())
-        abstract_opt = jax.eval_shape(tx.init, trainable)
-        opt_shard = optax.tree_map_params(tx, lambda _, s: s, abstract_opt,
-                                          split_frozen(p_shard, frozen)[0],
-                                          transform_non_params=lambda _: replicated(mesh))
-        state_shard = {"step": replicated(mesh), "params": p_shard, "opt_state": opt_shard}
+    def init():
+        model = run.task.build_model(nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        return nnx.to_pure_dict(params), rest
 
-        checkpointer = Checkpointer(
+    params, run.rest = jax.jit(init, out_shardings=(run.p_shard, replicated(run.mesh)))()
+    trainable, _ = split_frozen(params, run.frozen)
+    run.tx = optim.make_optimizer(config.optim, trainable, num_layers=run.task.num_layers())
+    abstract_opt = jax.eval_shape(run.tx.init, trainable)
+    opt_shard = optax.tree_map_params(run.tx, lambda _, s: s, abstract_opt,
+                                      split_frozen(run.p_shard, run.frozen)[0],
+                                      transform_non_params=lambda _: replicated(run.mesh))
+    run.state_shard = {"step": replicated(run.mesh), "params": run.p_shard,
+                       "opt_state": opt_shard}
+    return params
+
+
+def _compile_step(run: _Run, params: dict) -> tuple[float, float]:
+    """Compiles the train step ahead of time from shapes; returns (seconds, FLOPs of one
+    step for the global batch, from XLA's cost analysis of that same executable)."""
+    config = run.config
+    trainable = split_frozen(params, run.frozen)[0]
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+                "opt_state": jax.eval_shape(run.tx.init, trainable)}
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, run.state_shard)
+    step_fn = make_train_step(run.task.loss, run.graphdef, run.tx,
+                              optim.make_schedule(config.optim), seed=config.seed,
+                              accum_steps=config.get("grad_accum_steps", 1), frozen=run.frozen)
+    b_shard = batch_sharding(run.mesh, run.rules)
+    jitted = jax.jit(step_fn, in_shardings=(run.state_shard, replicated(run.mesh), b_shard),
+                     out_shardings=(run.state_shard, replicated(run.mesh)), donate_argnums=(0,))
+    example = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((config.batch_size, *x.shape[1:]), x.dtype,
+                                       sharding=b_shard),
+        run.task.example_batch(run.local_batch))
+    t0 = time.perf_counter()
+    run.train_step = jitted.lower(abstract, run.rest, example).compile()
+    seconds = time.perf_counter() - t0
+    flops = perf.step_flops(run.train_step) if config.get("measure_flops", True) else 0.0
+    return seconds, flops
+
+
+def _initial_state(run: _Run, params: dict) -> tuple[dict, int]:
+    """The state to start from: the newest readable checkpoint, or fresh (finetuned or
+    tower-loaded) parameters with a new optimizer state."""
+    config, mesh = run.config, run.mesh
+    if config.get("init_from") and run.checkpointer.latest_step() is None:
+        params = finetune_params(config, params, run.p_shard, mesh)
+    if config.get("init_towers") and run.checkpointer.latest_step() is None:
+        params = load_towers(config.init_towers, params, run.p_shard)
+    opt_state = jax.jit(run.tx.init, out_shardings=run.state_shard["opt_state"])(
+        split_frozen(params, run.frozen)[0])
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, run.state_shard)
+    start, restored = run.checkpointer.restore_latest(abstract_state, run.train_iter)
+    if start is None:
+        return state, 0
+    print(f"resumed from step {start} in {run.workdir}", flush=True)
+    return restored, int(start)
+
+
+def _evaluate(run: _Run, state: dict, step: int) -> dict[str, float]:
+    results: dict[str, float] = {}
+    for evaluator in run.evaluators:
+        results.update(evaluator.run(run.graphdef, state["params"], run.rest, run.mesh))
+    run.writer.write(step, results)
+    if jax.process_index() == 0:
+        print(f"eval @ {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()
+                                             if not k.endswith("/count")), flush=True)
+    return results
+
+
+def _train(run: _Run, state: dict, start: int, throughput: Throughput
+           ) -> tuple[dict, dict[str, float]]:
+    """Steps start → total_steps with logging, evaluation and checkpoints; returns the final
+    state and the last evaluation's metrics."""
+    config = run.config
+    total = config.total_steps
+    log_every, eval_every = config.get("log_every", 50), config.get("eval_every", 0)
+    save_every = config.checkpoint.get("every", 1000)
+    profile = config.get("profile") or {}
+    profile_start = profile.get("start_step", -1)
+    profile_stop = profile_start + profile.get("num_steps", 0)
+    final: dict[str, float] = {}
+    last_saved = run.checkpointer.latest_step()
+    pending = None  # the previous step's metrics, checked after the next step is queued
+    for step in range(start, total):
+        if step == profile_start:
+            jax.profiler.start_trace(str(run.workdir / "profile"))
+        batch = host_batch_to_global(next(run.train_iter), run.mesh, run.rules)
+        state, metrics = run.train_step(state, run.rest, batch)
+        if pending is not None:
+            _check_finite(pending[1], pending[0], state, last_saved)
+        done, pending = step + 1, (step + 1, metrics)
+        if done == profile_stop:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+        if done % log_every == 0 or done == total:
+            _check_finite(metrics, done, state, last_saved)
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()
+                      if k != "train/state_finite"}
+            values.update(throughput.measure(done))
+            if hasattr(run.train_iter, "metrics"):  # bad-data counts, for example
+                values.update(run.train_iter.metrics())
+            run.writer.write(done, values)
+            if jax.process_index() == 0:
+                print(progress_line(done, total, values), flush=True)
+        results = None
+        if run.evaluators and ((eval_every and done % eval_every == 0) or done == total):
+            results = final = _evaluate(run, state, done)
+        stopping = run.stop.should_stop(done)
+        if done % save_every == 0 or done == total or stopping:
+            _check_finite(metrics, done, state, last_saved)
+            run.checkpointer.save(done, state, run.train_iter, metrics=results)
+            last_saved = done
+        if stopping:
+            print(f"stopping at step {done} after a termination signal; checkpoint saved",
+                  flush=True)
+            break
+    return state, final
+
+
+def _header(run: _Run, params: dict, start: int, compile_s: float, flops: float) -> None:
+    if jax.process_index() != 0:
+        return
+    config = run.config
+    name = config.model.get("name") or f"{config.model.image} + {config.model.text}"
+    gflops = f", {flops / config.batch_size / 1e9:.3g} GFLOPs/example/step" if flops else ""
+    print(f"{config.trainer}: {name}, {sum(x.size for x in jax.tree.leaves(params)):,} "
+          f"parameters, mesh {dict(run.mesh.shape)}, batch {config.batch_size}, steps "
+          f"{start}→{config.total_steps}, compiled in {compile_s:.1f}s{gflops}", flush=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train (or resume) the task in `config` in `workdir`; returns the final metrics.
+
+    Every check (config, mesh, batch, model, data sources, a saved config to resume) and the
+    compile happen before the workdir is written, so a failed start leaves it as it was."""
+    maybe_initialize_distributed()
+    # orbax needs absolute paths; a relative one (the default runs/<config>) is from the cwd
+    workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+    run = _setup(config, workdir)
+    with jax.set_mesh(run.mesh):
+        params = _init_params(run)
+        run.train_iter = run.task.train_data(run.local_batch, seed=config.seed)
+        run.evaluators = run.task.evaluators()
+        compile_s, flops = _compile_step(run, params)
+        # --- nothing was written before this point ---
+        save_workdir_config(run.resolved, workdir)
+        logfile.attach(str(workdir), jax.process_index())
+        run.checkpointer = Checkpointer(
             workdir / "checkpoints", keep=config.checkpoint.get("keep", 2),
             keep_best=config.checkpoint.get("keep_best", 1),
             best_metric=config.checkpoint.get("best_metric"),
             best_mode=config.checkpoint.get("best_mode", "max"),
             async_save=config.checkpoint.get("async_save", True))
-        start = checkpointer.latest_step()
-        if start is None and config.get("init_from"):
-            params = _finetune_params(config, params, p_shard, mesh)
-        if start is None and config.get("init_towers"):
-            params = _load_towers(config.init_towers, params, p_shard, mesh)
-        opt_state = jax.jit(tx.init, out_shardings=opt_shard)(split_frozen(params, frozen)[0])
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
-
-        train_iter = task.train_data(local_batch, seed=config.seed)
-        if start is not None:
-            abstract_state = jax.tree.map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                state, state_shard)
-            state = checkpointer.restore(start, abstract_state, train_iter)
-            print(f"resumed from step {start} in {workdir}", flush=True)
-        start = int(start or 0)
-
-        # --- the step, compiled ahead of time ---
-        schedule = optim.make_schedule(config.optim)
-        step_fn = make_train_step(task.loss, graphdef, tx, schedule, seed=config.seed,
-                                  accum_steps=config.get("grad_accum_steps", 1), frozen=frozen)
-        b_shard = batch_sharding(mesh, rules)
-        train_step = jax.jit(step_fn, in_shardings=(state_shard, replicated(mesh), b_shard),
-                             out_shardings=(state_shard, replicated(mesh)),
-                             donate_argnums=(0,))
-        example = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct((config.batch_size, *x.shape[1:]), x.dtype,
-                                           sharding=b_shard),
-            task.example_batch(local_batch))
-        t0 = time.perf_counter()
-        train_step = train_step.lower(state, rest, example).compile()
-        compile_s = time.perf_counter() - t0
-        flops = 0.0
-        if config.get("measure_flops", True):
-            def forward_loss(params, rest, batch):
-                model = nnx.merge(graphdef, params, rest)
-                model.eval()
-                return task.loss(model, batch, jax.random.key(0))[0]
-            flops = 3 * perf.compiled_flops(forward_loss, state["params"], rest, example)
-
-        writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True),
-                              wandb_project=config.get("wandb_project"),
-                              config=config.to_dict())
-        throughput = Throughput(batch_size=config.batch_size, flops_per_step=flops,
-                                total_steps=total_steps, start_step=start)
-        if jax.process_index() == 0:
-            name = config.model.get("name") or f"{config.model.image} + {config.model.text}"
-            print(f"{config.trainer}: {name}, "
-                  f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters, mesh "
-                  f"{dict(mesh.shape)}, batch {config.batch_size}, steps {start}→{total_steps}, "
-                  f"compiled in {compile_s:.1f}s, {flops / config.batch_size / 3e9:.2f} "
-                  "forward GFLOPs/example", flush=True)
-
-        evaluators = task.evaluators()
-        final: dict[str, float] = {}
-        profile = config.get("profile") or {}
-        profile_start = profile.get("start_step", -1)
-        profile_stop = profile_start + profile.get("num_steps", 0)
-        log_every, eval_every = config.get("log_every", 50), config.get("eval_every", 0)
-        save_every = config.checkpoint.get("every", 1000)
-
-        def evaluate(step: int) -> dict[str, float]:
-            results: dict[str, float] = {}
-            for evaluator in evaluators:
-                results.update(evaluator.run(graphdef, state["params"], rest, mesh))
-            writer.write(step, results)
-            if jax.process_index() == 0:
-                print(f"eval @ {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()
-                                                     if not k.endswith("/count")), flush=True)
-            return results
-
-        pending = None  # the previous step's metrics, checked after the next step is queued
+        run.writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True),
+                                  wandb_project=config.get("wandb_project"),
+                                  config=config.to_dict())
         try:
-            with _StopSignal() as stop:
-                for step in range(start, total_steps):
-                    if step == profile_start:
-                        jax.profiler.start_trace(str(workdir / "profile"))
-                    batch = host_batch_to_global(next(train_iter), mesh, rules)
-                    state, metrics = train_step(state, rest, batch)
-                    if pending is not None:
-                        _check_finite(pending[1], pending[0], checkpointer)
-                    pending = (step + 1, metrics)
-                    done = step + 1
-                    if done == profile_stop:
-                        jax.block_until_ready(state)
-                        jax.profiler.stop_trace()
-                    if done % log_every == 0 or done == total_steps:
-                        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                        _check_finite(values, done, checkpointer)
-                        values.update(throughput.measure(done))
-                        if hasattr(train_iter, "metrics"):  # bad-data counts, for example
-                            values.update(train_iter.metrics())
-                        writer.write(done, values)
-                        if jax.process_index() == 0:
-                            print(progress_line(done, total_steps, values), flush=True)
-                    eval_now = bool(evaluators) and (
-                        (eval_every and done % eval_every == 0) or done == total_steps)
-                    results = evaluate(done) if eval_now else None
-                    if results:
-                        final = results
-                    stopping = stop.should_stop(done)
-                    if done % save_every == 0 or done == total_steps or stopping:
-                        _check_finite(jax.device_get(metrics), done, checkpointer)
-                        checkpointer.save(done, state, train_iter, metrics=results)
-                    if stopping:
-                        print(f"stopping at step {done} after a termination signal; "
-                              "checkpoint saved", flush=True)
-                        break
-            if not final and evaluators and start >= total_steps:
-                final = evaluate(total_steps)  # a finished run, started again: report it
+            state, start = _initial_state(run, params)
+            _header(run, params, start, compile_s, flops)
+            final: dict[str, float] = {}
+            if run.stop.should_stop(start):
+                print(f"stopping at startup after a termination signal; nothing new to save "
+                      f"(the same command resumes from step {start})", flush=True)
+            else:
+                throughput = Throughput(batch_size=config.batch_size, flops_per_step=flops,
+                                        total_steps=config.total_steps, start_step=start)
+                state, final = _train(run, state, start, throughput)
+                if not final and run.evaluators and start >= config.total_steps:
+                    final = _evaluate(run, state, start)  # a finished run, started again
         finally:
-            checkpointer.close()
-            writer.close()
+            run.checkpointer.close()
+            run.writer.close()
         final = {k: float(v) for k, v in final.items()}
         final["step"] = float(int(jax.device_get(state["step"])))
         return final

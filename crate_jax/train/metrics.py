@@ -28,8 +28,90 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def is_remote(path: str | epath.Path) -> bool:
+    """Whether `path` is in an object store (gs://, s3://, ...), where files cannot be appended
+    to: a write replaces the whole object."""
+    return "://" in str(path)
+
+
+class _JsonLines:
+    """WORKDIR/metrics.jsonl, one JSON object per line, kept across restarts.
+
+    A local file is opened for appending. An object-store file cannot be appended to (gcsfs
+    silently truncates on mode 'a'), so there the lines read at the start plus every new one
+    are kept in memory and the whole object is uploaded again after each write: an upload
+    replaces the object atomically, so a run killed at any point leaves the previous complete
+    file, never a truncated one. Metric rows are few (one per log or eval step), so the cost
+    stays small."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self._lines: list[str] | None = None
+        self._file = None
+        if is_remote(path):
+            text = path.read_text() if path.exists() else ""
+            if text and not text.endswith("\n"):
+                text += "\n"  # a partial last line must not swallow the next row
+            self._lines = [text] if text else []
+        else:
+            self._file = path.open("a")
+
+    def write(self, line: str) -> None:
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+        else:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _close_gcs_events_once() -> None:
+    """Make tensorboardX's gs:// event files upload once on close, not again when collected.
+
+    Its GCSRecordWriter uploads the whole file in close() and calls close() again from __del__;
+    SummaryWriter keeps it alive in an atexit hook, so that second upload happens at exit, where
+    the storage may be unreachable (the client then retries for two minutes)."""
+    from tensorboardX import record_writer
+
+    class GCSRecordWriterClosingOnce(record_writer.GCSRecordWriter):
+        def close(self):
+            if getattr(self, "buffer", None) is not None and not getattr(self, "_closed", False):
+                self._closed = True
+                self.flush()
+
+    class Factory(record_writer.GCSRecordWriterFactory):
+        def open(self, path):
+            return GCSRecordWriterClosingOnce(path)
+
+    record_writer.register_writer_factory("gs", Factory())
+
+
+def _tensorboard_writer(logdir: str):
+    """A tensorboardX SummaryWriter, or None with a warning that names what is missing."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        logging.warning("tensorboardX is not installed: no TensorBoard events")
+        return None
+    if logdir.startswith("gs://"):
+        _close_gcs_events_once()
+    try:
+        # The default file name has a one-second timestamp: a restart within the same second
+        # would replace the earlier file in a bucket, hence a finer suffix.
+        return SummaryWriter(logdir, filename_suffix=f".{time.time_ns() % 10**9:09d}")
+    except ImportError as e:  # e.g. a gs:// logdir without google-cloud-storage
+        logging.warning("no TensorBoard events in %s: %s", logdir, e)
+        return None
+
+
 class MetricWriter:
-    """writer.write(step, {'train/loss': 0.3, ...}) → metrics.jsonl, TensorBoard, wandb."""
+    """writer.write(step, {'train/loss': 0.3, ...}) → metrics.jsonl, TensorBoard, wandb.
+
+    Works with local and gs:// workdirs (TensorBoard on gs:// needs google-cloud-storage)."""
 
     def __init__(self, workdir: str | epath.Path, *, tensorboard: bool = True,
                  wandb_project: str | None = None, config: dict | None = None):
@@ -38,18 +120,16 @@ class MetricWriter:
         self._tb = self._wandb = None
         if not self.enabled:
             return
-        self._jsonl = (self.workdir / "metrics.jsonl").open("a")
+        self._jsonl = _JsonLines(self.workdir / "metrics.jsonl")
         if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
-            except ImportError:
-                logging.warning("tensorboardX is not installed: no TensorBoard events")
+            self._tb = _tensorboard_writer(str(self.workdir / "tensorboard"))
         if wandb_project:
             try:
                 import wandb
+                # wandb keeps its files in a local folder; a bucket cannot be one.
+                local_dir = None if is_remote(self.workdir) else str(self.workdir)
                 self._wandb = wandb.init(project=wandb_project, config=config,
-                                         dir=str(self.workdir), resume="allow")
+                                         dir=local_dir, resume="allow")
             except ImportError:
                 logging.warning("wandb was asked for but is not installed")
 
@@ -58,7 +138,6 @@ class MetricWriter:
             return
         clean = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
-        self._jsonl.flush()
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float) and math.isfinite(v):
@@ -73,8 +152,10 @@ class MetricWriter:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
         if self._wandb is not None:
             self._wandb.finish()
+            self._wandb = None
 
 
 class Throughput:

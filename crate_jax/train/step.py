@@ -51,6 +51,14 @@ def split_frozen(params: dict, frozen: tuple[str, ...]) -> tuple[dict, dict]:
             {k: v for k, v in params.items() if k in frozen})
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """True when no floating-point leaf of `tree` holds a NaN or an infinity: checked on the
+    new state inside the step, so that a non-finite state is never saved (one read of it)."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, seed: int, accum_steps: int = 1,
                     frozen: tuple[str, ...] = ()):
@@ -92,9 +100,11 @@ def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTran
             loss_value, aux, grads = jax.tree.map(lambda x: x / accum_steps, sums)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         params = {**optax.apply_updates(trainable, updates), **fixed}
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         metrics = {"train/loss": loss_value, "train/grad_norm": optax.tree.norm(grads),
+                   "train/state_finite": all_finite((params, opt_state)),
                    "train/lr": schedule(state["step"]),
                    **{f"train/{k}": v for k, v in aux.items()}}
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        return new_state, metrics
 
     return train_step

@@ -198,16 +198,13 @@ def coco_panoptic_val(image_size: int, num_images: int, data_dir: str | None = N
                       ) -> Iterator[dict[str, np.ndarray]]:
     """COCO val2017 images center-cropped and resized to `image_size`, with an instance mask
     (0 background and 'stuff', 1…n the non-crowd 'thing' segments), from a prepared TFDS
-    coco/2017_panoptic. Raises DatasetUnavailable when it is not there (nothing is
-    downloaded)."""
-    try:
-        import tensorflow_datasets as tfds
-        source = tfds.data_source("coco/2017_panoptic", split="validation", data_dir=data_dir,
-                                  download=False)
-    except Exception as e:  # tfds raises several types for a dataset that is not prepared
-        raise DatasetUnavailable(
-            f"COCO val2017 with masks (TFDS coco/2017_panoptic, data_dir={data_dir!r}) is not "
-            f"available locally ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    coco/2017_panoptic (ArrayRecord format). Raises DatasetUnavailable, with the command that
+    prepares it, when it is not there or only as TFRecord (nothing is downloaded)."""
+    from crate_jax.data.tfds_source import TFDSFormatError, open_data_source
+    try:  # from the prepared files: the COCO builder's code itself needs tensorflow
+        source = open_data_source("coco/2017_panoptic", "validation", data_dir)
+    except (FileNotFoundError, TFDSFormatError) as e:
+        raise DatasetUnavailable(f"COCO val2017 with masks: {e}") from e
     from PIL import Image
     count = 0
     for i in range(len(source)):

@@ -1,0 +1,84 @@
+"""Helpers for tests that run the trainer as 2 processes × 4 fake CPU devices joined by
+jax.distributed (launch/local/multiprocess.sh) next to a plain 1 process × 8 devices run of
+the same command, and compare what the two wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "launch", "local", "multiprocess.sh")
+PROCESSES, DEVICES = 2, 4
+# Less XLA:CPU optimisation: the same numerics in every run that uses it, a third less compile
+# time (the suite is compile-bound). conftest.py gives the in-process tests the same flags.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+QUIET = ("--config.checkpoint.async_save=False", "--config.measure_flops=False",
+         "--config.tensorboard=False")
+
+
+def env(**updates) -> dict:
+    """This environment without any launcher's distributed settings, on the CPU."""
+    out = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                                "SLURM_", "OMPI_", "CRATE_"))}
+    out.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **updates)
+    return out
+
+
+def metrics(workdir) -> dict[int, dict]:
+    """metrics.jsonl of a run, merged per step."""
+    out: dict[int, dict] = {}
+    for line in open(os.path.join(workdir, "metrics.jsonl")):
+        row = json.loads(line)
+        out.setdefault(row["step"], {}).update(row)
+    return out
+
+
+class Pair:
+    """One command run twice at once: 2 processes × 4 devices in BASE/NAME/two_processes
+    and 1 process × 8 devices in BASE/NAME/one_process."""
+
+    def __init__(self, base: Path, name: str, args: list[str], timeout: float = 400):
+        self.dir = base / name
+        self.multi, self.single = self.dir / "two_processes", self.dir / "one_process"
+        self.logdir, self.timeout = self.dir / "logs", timeout
+        self.procs = [
+            subprocess.Popen(
+                ["bash", SCRIPT, f"--processes={PROCESSES}", f"--devices={DEVICES}",
+                 "--no-follow", f"--python={sys.executable}", f"--timeout={int(timeout) - 10}",
+                 f"--logdir={self.logdir}", "--", *args, f"--workdir={self.multi}"],
+                cwd=ROOT, env=env(XLA_FLAGS=FAST_COMPILE), stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True),
+            subprocess.Popen(
+                [sys.executable, "-m", "crate_jax.main", *args, f"--workdir={self.single}"],
+                cwd=ROOT, env=env(XLA_FLAGS=(f"--xla_force_host_platform_device_count="
+                                             f"{PROCESSES * DEVICES} {FAST_COMPILE}")),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+
+    def wait(self) -> Pair:
+        """Both runs finished with exit 0, or an AssertionError with their output."""
+        outputs = []
+        try:
+            for proc in self.procs:
+                outputs.append(proc.communicate(timeout=self.timeout)[0])
+        finally:
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+        logs = "".join(f"\n--- {p.name} ---\n" + p.read_text()[-4000:]
+                       for p in sorted(self.logdir.glob("process_*.log")))
+        for proc, out in zip(self.procs, outputs, strict=True):
+            assert proc.returncode == 0, f"{self.dir.name}: {out[-4000:]}{logs}"
+        return self
+
+    def log(self, process: int) -> str:
+        """What process `process` of the 2-process run printed, and the library log files it
+        wrote in its workdir (WORKDIR/logs/*_{process}.log), if any."""
+        files = [self.logdir / f"process_{process}.log",
+                 *sorted((self.multi / "logs").glob(f"*_{process}.log"))]
+        return "".join(path.read_text() for path in files)

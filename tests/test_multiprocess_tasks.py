@@ -1,0 +1,239 @@
+"""Every task on several processes: 2 processes × 4 fake CPU devices (launch/local/
+multiprocess.sh) against 1 process × 8 devices fed the same global batches, for
+
+  * the contrastive task with all its evaluators (zero-shot, retrieval, k-NN, linear probe);
+  * init_towers with a frozen tower (the text tower of the first contrastive run);
+  * classification with Mixup and CutMix (--config.mixup / --config.cutmix);
+  * a finetune through init_from (from the mixup run, to another patch size: position table
+    and stem resized, head re-initialised).
+
+Losses, gradient norms and every evaluation metric must agree (rtol 1e-5: only the reduction
+order of the collectives differs). The four pairs run in two stages of two (the second stage
+loads the first stage's 2-process checkpoints), all with --xla_backend_optimization_level=0.
+
+In-process checks on 8 fake devices: the compiled train step with Mixup/CutMix holds no
+all-gather of the images (each device mixes its own shard), each shard's mix equals `mix` on
+that shard alone, and finetune_params equals the host-side adaptation of the donor.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from multiprocess_utils import QUIET, ROOT, Pair, metrics
+
+CONTRASTIVE = os.path.join(ROOT, "configs", "demo.py")
+CLASSIFICATION = os.path.join(ROOT, "configs", "demo_classification.py")
+STEPS = 4
+MIX = ("--config.mixup=0.8", "--config.cutmix=1.0")
+# A config file wrapping another one with extra settings (init_from and init_towers are None
+# or absent in the configs, so no --config.X flag can set them).
+WRAPPER = """
+import importlib.util
+
+
+def get_config(arg=None):
+    spec = importlib.util.spec_from_file_location("wrapped", {path!r})
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(arg)
+    c.update({updates!r})
+    return c
+"""
+
+
+def _wrapped(base, name: str, path: str, **updates) -> str:
+    config = base / f"{name}_config.py"
+    config.write_text(WRAPPER.format(path=path, updates=updates))
+    return f"--config={config}:smoke"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The four 2-process / 1-process pairs (two stages of two pairs at once)."""
+    base = tmp_path_factory.mktemp("multiprocess_tasks")
+    clip = Pair(base, "contrastive", [f"--config={CONTRASTIVE}:smoke", *QUIET])
+    mix = Pair(base, "mixup", [f"--config={CLASSIFICATION}:smoke", *MIX, *QUIET])
+    clip.wait(), mix.wait()
+    frozen = Pair(base, "frozen", [_wrapped(
+        base, "frozen", CONTRASTIVE, seed=5, freeze=["text", "text_proj"],
+        init_towers=[{"from": str(clip.multi), "keys": ["text", "text_proj"]}]), *QUIET])
+    finetune = Pair(base, "finetune", [
+        _wrapped(base, "finetune", CLASSIFICATION, init_from=str(mix.multi)),
+        "--config.model.name=crate-alpha-ti/4", *QUIET])
+    frozen.wait(), finetune.wait()
+    return {"contrastive": clip, "mixup": mix, "frozen": frozen, "finetune": finetune}
+
+
+def _assert_runs_match(pair: Pair, eval_prefixes: tuple[str, ...]) -> dict:
+    for i in range(2):
+        assert f"jax.distributed: process {i} of 2, 4 local / 8 global devices" in pair.log(i)
+    m, s = metrics(pair.multi), metrics(pair.single)
+    logged = sorted(k for k, v in m.items() if "train/loss" in v)
+    assert logged == [2, STEPS] == sorted(k for k, v in s.items() if "train/loss" in v)
+    for step in logged:
+        for key in ("train/loss", "train/grad_norm"):
+            np.testing.assert_allclose(m[step][key], s[step][key], rtol=1e-5,
+                                       err_msg=f"{pair.dir.name}: {key} at step {step}")
+    evals = {k for k in s[STEPS] if k.startswith(eval_prefixes)}
+    for prefix in eval_prefixes:  # every evaluator ran
+        assert any(k.startswith(prefix) for k in evals), (prefix, sorted(s[STEPS]))
+    assert evals == {k for k in m[STEPS] if k.startswith(eval_prefixes)}
+    for key in sorted(evals):
+        np.testing.assert_allclose(m[STEPS][key], s[STEPS][key], rtol=1e-5, atol=1e-7,
+                                   err_msg=f"{pair.dir.name}: {key}")
+    return m[STEPS]
+
+
+def test_contrastive_with_every_evaluator(runs):
+    final = _assert_runs_match(runs["contrastive"],
+                               ("zeroshot/", "retrieval/", "probe/knn", "probe/linear"))
+    assert final["zeroshot/count"] == 24  # each test image once, not once per process
+
+
+def test_frozen_tower_loaded_from_a_two_process_run(runs):
+    from crate_jax.train.loop import final_params
+
+    _assert_runs_match(runs["frozen"], ("zeroshot/", "retrieval/", "probe/"))
+    donor = final_params(str(runs["contrastive"].multi))
+    for workdir in (runs["frozen"].multi, runs["frozen"].single):
+        after = final_params(str(workdir))
+        for key in ("text", "text_proj"):
+            for a, b in zip(jax.tree.leaves(after[key]), jax.tree.leaves(donor[key]),
+                            strict=True):
+                np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(after["image"]["stem"]["kernel"],
+                                  donor["image"]["stem"]["kernel"])
+
+
+def test_classification_with_mixup_and_cutmix(runs):
+    final = _assert_runs_match(runs["mixup"], ("val/",))
+    assert final["val/count"] == 40
+
+
+def test_finetune_through_init_from(runs):
+    from crate_jax.train.loop import final_params
+
+    _assert_runs_match(runs["finetune"], ("val/",))
+    for i in range(2):
+        log = runs["finetune"].log(i)
+        for note in ("posemb/embedding resized 2x2 -> 4x4", "stem/kernel resized 8x8 -> 4x4",
+                     "head/kernel re-initialised", "22 parameter arrays read from"):
+            assert note in log, note
+    params = final_params(str(runs["finetune"].multi))
+    assert params["stem"]["kernel"].shape[:2] == (4, 4)
+    assert params["posemb"]["embedding"].shape[1] == 1 + 16
+
+
+# --- in-process, on the 8 fake devices of tests/conftest.py ------------------------------------
+
+def _classification_config(**updates):
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import demo_classification
+
+    c = demo_classification.get_config("smoke")
+    c.update(updates)
+    return c
+
+
+def _compiled_step_hlo(config) -> str:
+    from crate_jax import parallel, tasks
+    from crate_jax.train import optim
+    from crate_jax.train.step import make_train_step
+
+    task = tasks.get(config.trainer)(config)
+    mesh = parallel.make_mesh({"fsdp": -1})
+    abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
+    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+    shardings = parallel.param_shardings(abstract_params, mesh)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nnx.to_pure_dict(abstract_params), shardings)
+    tx = optim.make_optimizer(config.optim, params)
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+             "opt_state": jax.eval_shape(tx.init, params)}
+    b_shard = parallel.batch_sharding(mesh)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=b_shard),
+                         task.example_batch(config.batch_size))
+    step = make_train_step(task.loss, graphdef, tx, optim.make_schedule(config.optim), seed=0)
+    with jax.set_mesh(mesh):
+        return jax.jit(step).lower(state, rest, batch).compile().as_text()
+
+
+def _image_collectives(hlo: str) -> list[str]:
+    """Collectives whose result is a batch of images (…, 16, 16, 3). (The step does gather a
+    (16, 4) array: the logits' gradient, for the head's weight gradient, not the targets.)"""
+    pattern = re.compile(r"= \S+\[(\d+,)?16,16,3\]\S* (all-gather|all-to-all|collective-permute|"
+                         r"all-reduce)")
+    return [line.strip()[:160] for line in hlo.splitlines() if pattern.search(line)]
+
+
+def test_mixup_and_cutmix_gather_no_images(monkeypatch):
+    from crate_jax.tasks import mixing
+
+    config = _classification_config(mixup=0.8, cutmix=1.0)
+    assert _image_collectives(_compiled_step_hlo(config)) == []
+    # the same check catches a global permutation (the detector can fail)
+    monkeypatch.setattr(mixing, "mix_sharded",
+                        lambda rng, x, y, batch_axes, **kw: mixing.mix(rng, x, y, **kw))
+    assert _image_collectives(_compiled_step_hlo(config))
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_each_shard_is_mixed_on_its_own(mixup, cutmix):
+    from crate_jax import parallel
+    from crate_jax.tasks import mixing
+
+    mesh = parallel.make_mesh({"data": 2, "fsdp": -1})
+    images = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype(np.float32)
+    labels = np.eye(16, dtype=np.float32)  # row i's own label: where each mixed row came from
+    rng = jax.random.key(3)
+    kwargs = dict(mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=0.5)
+    with jax.set_mesh(mesh):
+        sharding = parallel.batch_sharding(mesh)
+        out = jax.jit(lambda r, x, y: mixing.mix_sharded(r, x, y, batch_axes=("data", "fsdp"),
+                                                         **kwargs))(
+            rng, jax.device_put(images, sharding), jax.device_put(labels, sharding))
+    mixed, targets = (np.asarray(a) for a in out)
+    for shard in range(8):
+        rows = slice(2 * shard, 2 * shard + 2)
+        want = mixing.mix(jax.random.fold_in(rng, shard), jnp.asarray(images[rows]),
+                          jnp.asarray(labels[rows]), **kwargs)
+        np.testing.assert_allclose(mixed[rows], want[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(targets[rows], want[1], rtol=1e-6)
+        outside = np.delete(targets[rows], np.arange(2 * shard, 2 * shard + 2), axis=1)
+        assert not outside.any()  # nothing from another shard
+
+
+def test_finetune_params_equal_the_host_side_adaptation(runs):
+    """finetune_params (partial restore into the FSDP shardings, jitted adaptation) gives
+    what adapt_for_finetune gives on host copies of the whole donor, in the target
+    shardings."""
+    from crate_jax import parallel, tasks
+    from crate_jax.models.resize import adapt_for_finetune
+    from crate_jax.train.finetune import finetune_params
+    from crate_jax.train.loop import final_params
+
+    config = _classification_config(init_from=str(runs["mixup"].multi))
+    config.model.name = "crate-alpha-ti/4"
+    task = tasks.get(config.trainer)(config)
+    mesh = parallel.make_mesh({"fsdp": -1})
+    abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
+    shardings = parallel.param_shardings(nnx.split(abstract, nnx.Param, ...)[1], mesh)
+    with jax.set_mesh(mesh):
+        fresh = jax.jit(lambda: nnx.to_pure_dict(nnx.state(task.build_model(nnx.Rngs(0)),
+                                                           nnx.Param)),
+                        out_shardings=shardings)()
+        want, _ = adapt_for_finetune(final_params(str(runs["mixup"].multi)),
+                                     jax.device_get(fresh))
+        got = finetune_params(config, fresh, shardings, mesh)
+    for a, b, s in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(shardings),
+                       strict=True):
+        assert a.sharding == s
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
