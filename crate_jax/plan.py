@@ -362,7 +362,8 @@ def compile_step(config, mesh_shape: dict[str, int], devices=None) -> Result:
                  "params": params, "opt_state": opt_state}
         state_shard = {"step": replicated(mesh), "params": p_shard, "opt_state": opt_shard}
         step_fn = make_train_step(task.loss, graphdef, tx, optim.make_schedule(config.optim),
-                                  seed=config.seed, accum_steps=accum, frozen=frozen)
+                                  seed=config.seed, accum_steps=accum, frozen=frozen,
+                                  bounds=task.param_bounds())
         b_shard = batch_sharding(mesh, rules)
         example = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct((config.batch_size, *x.shape[1:]), x.dtype,

@@ -101,9 +101,66 @@ def test_clip_model_embeddings_and_temperature_clip():
     assert u.shape == v.shape == (3, 16)
     np.testing.assert_allclose(np.linalg.norm(u, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(scale, 1 / 0.07, rtol=1e-5)
-    model.logit_scale[...] = jnp.asarray(10.0)
-    clipped = nnx.jit(lambda m: m.scale())(model)  # clipped at log(100)
-    np.testing.assert_allclose(clipped, 100.0, rtol=1e-5)
+
+
+def _temperature_step(loss_kind: str, start: float, sign: float):
+    """One SGD step (lr 0.5) of a tiny two-tower model on loss = sign · (its scale t),
+    starting from logit_scale = start, through the shared train step with the task's bounds."""
+    import math
+
+    import optax
+
+    from crate_jax.tasks.contrastive import ContrastiveTask
+    from crate_jax.train.step import make_train_step
+
+    c = config_utils.base_config()
+    c.loss = loss_kind
+    c.model = ml_collections.ConfigDict(dict(
+        image="crate-alpha-ti/8", image_overrides=dict(width=32, depth=1, heads=2),
+        text="text-ti", text_overrides=dict(width=32, depth=1, heads=2, vocab_size=50,
+                                            eot_id=2, pad_id=0), embed_dim=16))
+    c.data = ml_collections.ConfigDict(dict(image_size=16, context_length=8))
+    task = ContrastiveTask(c)
+    model = task.build_model(nnx.Rngs(0))
+    init_scale = float(model.logit_scale[...])
+    model.logit_scale[...] = jnp.asarray(start)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+
+    def loss(m, batch, rng):  # the scale as the forward pass gives it, pushed by `sign`
+        u, v, t, b = m(batch["image"], batch["tokens"])
+        return sign * t + 0.0 * contrastive_loss(u, v, t, b, kind=loss_kind), {}
+
+    tx = optax.sgd(0.5)
+    step = make_train_step(loss, graphdef, tx, optax.constant_schedule(0.5), seed=0,
+                           bounds=task.param_bounds())
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.random((4, 16, 16, 3)), jnp.float32),
+             "tokens": jnp.asarray(rng.integers(3, 50, (4, 8)), jnp.int32)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    new, _ = jax.jit(step)(state, rest, batch)
+    return init_scale, float(new["params"]["logit_scale"]), task, math.log(100.0)
+
+
+def test_infonce_temperature_is_bounded_as_a_parameter_and_can_come_back():
+    init, _, task, top = _temperature_step("infonce", 1.0, 1.0)
+    assert init == pytest.approx(np.log(1 / 0.07)) and task.param_bounds() == {
+        "logit_scale": (0.0, pytest.approx(top))}
+    # pushed up past the bound: it stops at log 100 exactly
+    _, pushed_up, _, _ = _temperature_step("infonce", top - 1e-3, -1.0)
+    assert pushed_up == pytest.approx(top, abs=1e-6)
+    # at the bound, a gradient that lowers it still reaches it (a clip in the forward pass
+    # gave it none): the scale comes back down
+    _, came_down, _, _ = _temperature_step("infonce", top, 1.0)
+    assert came_down < top - 1e-4
+
+
+def test_sigmoid_loss_starts_at_scale_10_bias_minus_10_without_a_bound():
+    init, after, task, top = _temperature_step("sigmoid", 5.0, -1.0)
+    assert init == pytest.approx(np.log(10.0)) and task.param_bounds() == {}
+    assert after > 5.0 > top  # no bound: it moves past log 100
+    model = task.build_model(nnx.Rngs(0))
+    assert float(model.logit_bias[...]) == -10.0
 
 
 def test_retrieval_recall_and_probes():

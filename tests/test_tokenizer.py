@@ -202,8 +202,10 @@ def test_load_specs_and_errors(tmp_path: Path):
         T.load(missing)
     with pytest.raises(FileNotFoundError, match=r"absent\.model"):
         T.SentencePieceTokenizer(missing)
+    with pytest.raises(FileNotFoundError, match=r"absent\.txt"):
+        T.load(str(tmp_path / "absent.txt"))  # a BERT vocab.txt, were it there
     with pytest.raises(ValueError, match=r"vocab\.txt"):
-        T.load("vocab.txt")
+        T.load("vocab.bin")
     with pytest.raises(ValueError, match="bpe"):
         T.load("bpe")
 

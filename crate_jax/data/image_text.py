@@ -39,8 +39,10 @@ def tokenizer_for(data: Any) -> tokenizers.Tokenizer:
     spec = data.get("tokenizer")
     if not spec:
         if data.source != "synthetic_captions":
-            raise ValueError("data.tokenizer: set a SentencePiece model file (train one with "
-                             "`python -m crate_jax.data.tokenizer train ...`) or 'bytes'")
+            raise ValueError("data.tokenizer: set a tokenizer file (a BERT vocab.txt, a "
+                             "Hugging Face tokenizer.json, or a SentencePiece .model: train "
+                             "one with `python -m crate_jax.data.tokenizer train ...`) or "
+                             "'bytes'")
         spec = "bytes"
     return _load_tokenizer(spec)
 
@@ -54,7 +56,8 @@ def text_tokens(data: Any, captions: list[str], rng: np.random.Generator | None)
         method = data.get("text_reduction", "truncate")
         tokens = tokenizers.reduce_tokens(tokens, k, method=method,
                                           rng=rng if method != "truncate" else None,
-                                          pad_id=tok.pad_id, eot_id=tok.eot_id)
+                                          pad_id=tok.pad_id, eot_id=tok.eot_id,
+                                          bos_id=tok.bos_id if tok.add_bos else None)
     return tokens
 
 

@@ -1,8 +1,12 @@
-"""Text tokenizers for the CLIPA text tower: a byte-level fallback and trainable SentencePiece.
+"""Text tokenizers for the CLIPA text tower: a byte-level fallback, trainable SentencePiece, and
+BERT WordPiece (crate_jax/data/wordpiece.py, the vocabulary of the released CLIPA models).
 
-`load(spec)` returns a `Tokenizer`: `None` or `'bytes'` gives `ByteTokenizer` (no file needed),
-a path ending in `.model` gives `SentencePieceTokenizer` (local or `gs://`, read with
-etils.epath). `tokenize` turns texts into fixed-length int32 rows `[bos] + ids + [eot] + pad`,
+`load(spec)` returns a `Tokenizer`, chosen by the file given: `None` or `'bytes'` gives
+`ByteTokenizer` (no file needed), a path ending in `.model` gives `SentencePieceTokenizer`, one
+ending in `.txt` (a BERT vocab.txt) or `.json` (a Hugging Face tokenizer.json) gives
+`WordPieceTokenizer`; files may be local or `gs://` (read with etils.epath). `tokenize` turns
+texts into fixed-length int32 rows `[bos] + ids + [eot] + pad` (bos when the tokenizer's
+`add_bos` says so: [CLS] for WordPiece),
 and `reduce_tokens` implements CLIPA's text-token reduction (truncate / random / block) on such
 rows. `train_sentencepiece` (and the CLI) trains a subword model on caption files:
 
@@ -39,6 +43,7 @@ class Tokenizer(Protocol):
     pad_id: int
     eot_id: int
     bos_id: int | None
+    add_bos: bool  # whether `tokenize` starts each row with bos_id by default
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without bos / eot / padding."""
@@ -55,6 +60,7 @@ class ByteTokenizer:
     pad_id: int = 0
     bos_id: int | None = 1
     eot_id: int = 2
+    add_bos: bool = False
     offset: int = 3
     vocab_size: int = 256 + 3
 
@@ -85,6 +91,8 @@ class SentencePieceTokenizer:
     has none). With `lowercase`, text is lowercased before encoding. Pickles as the serialized
     model, so it can be shipped to data-loader worker processes.
     """
+
+    add_bos = False
 
     def __init__(self, model_file: str, *, lowercase: bool = True):
         path = epath.Path(model_file)
@@ -139,23 +147,31 @@ class SentencePieceTokenizer:
 
 
 def load(spec: str | None) -> Tokenizer:
-    """`None` / `'bytes'` -> ByteTokenizer; a path ending in `.model` -> SentencePieceTokenizer."""
+    """`None` / `'bytes'` -> ByteTokenizer; a `.model` file -> SentencePieceTokenizer; a
+    `.txt` (BERT vocab.txt) or `.json` (Hugging Face tokenizer.json) -> WordPieceTokenizer."""
     if spec is None or spec == "bytes":
         return ByteTokenizer()
-    if isinstance(spec, str | os.PathLike) and str(spec).endswith(".model"):
-        if not epath.Path(spec).exists():
-            raise FileNotFoundError(f"tokenizer model not found: {spec}")
-        return SentencePieceTokenizer(str(spec))
-    raise ValueError(f"unknown tokenizer spec {spec!r}: expected None, 'bytes' or a path "
-                     f"ending in .model")
+    name = str(spec) if isinstance(spec, str | os.PathLike) else ""
+    if name.endswith((".model", ".txt", ".json")):
+        if not epath.Path(name).exists():
+            raise FileNotFoundError(f"tokenizer file not found: {name}")
+        if name.endswith(".model"):
+            return SentencePieceTokenizer(name)
+        from crate_jax.data.wordpiece import WordPieceTokenizer
+        return WordPieceTokenizer(name)
+    raise ValueError(f"unknown tokenizer spec {spec!r}: expected None, 'bytes', a SentencePiece "
+                     "'.model', a BERT 'vocab.txt' or a Hugging Face 'tokenizer.json'")
 
 
 def tokenize(tokenizer: Tokenizer, texts: Sequence[str], context_length: int, *,
-             add_bos: bool = False) -> np.ndarray:
+             add_bos: bool | None = None) -> np.ndarray:
     """int32 (len(texts), context_length) rows of `[bos] + ids + [eot]`, right-padded.
 
     Over-long texts lose content from the end; the eot is always kept as the last real token.
+    `add_bos` defaults to the tokenizer's own `add_bos`.
     """
+    if add_bos is None:
+        add_bos = bool(getattr(tokenizer, "add_bos", False))
     if isinstance(texts, str):
         raise TypeError("tokenize: `texts` must be a sequence of strings, not one string")
     if add_bos and tokenizer.bos_id is None:

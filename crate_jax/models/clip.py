@@ -2,7 +2,12 @@
 
     u = normalize(f_img(x) · W_img)        f_img: any registry image model, num_classes=0
     v = normalize(f_txt(t) · W_txt)        f_txt: a registry text tower
-    logits = exp(min(s, s_max)) · u vᵀ (+ b)   s learnable (log-parametrised, clipped); b: SigLIP
+    logits = exp(s) · u vᵀ (+ b)       s learnable (log-parametrised); b: SigLIP
+
+InfoNCE (CLIP): s starts at log(1/0.07) and the train step keeps it in [0, log 100] after every
+update (ContrastiveTask.param_bounds: a bound on the parameter, not a clip in the forward pass,
+so its gradient survives at the bound). Sigmoid (SigLIP): s starts at log 10 and b at −10, with
+no bound on s.
 """
 
 from __future__ import annotations
@@ -27,13 +32,13 @@ class ClipConfig:
     text_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     embed_dim: int = 768
     logit_scale_init: float = math.log(1 / 0.07)
-    logit_scale_max: float = math.log(100.0)
+    logit_scale_max: float | None = math.log(100.0)  # None: no bound (SigLIP)
     logit_bias_init: float = 0.0  # SigLIP starts at −10
 
     def __post_init__(self):
         if self.embed_dim <= 0:
             raise ValueError(f"embed_dim: must be positive, got {self.embed_dim}")
-        if self.logit_scale_init > self.logit_scale_max:
+        if self.logit_scale_max is not None and self.logit_scale_init > self.logit_scale_max:
             raise ValueError(f"logit_scale_init={self.logit_scale_init} exceeds "
                              f"logit_scale_max={self.logit_scale_max}")
 
@@ -68,8 +73,8 @@ class CLIP(nnx.Module):
         return _normalize(self.text_proj(self.text(tokens)))
 
     def scale(self) -> jax.Array:
-        """t = exp(min(s, s_max)): the clip keeps the temperature from collapsing."""
-        return jnp.exp(jnp.minimum(self.logit_scale[...], self.cfg.logit_scale_max))
+        """t = exp(s); the train step keeps s within its bound (see the module docstring)."""
+        return jnp.exp(self.logit_scale[...])
 
     def __call__(self, images: jax.Array, tokens: jax.Array,
                  patch_keep: jax.Array | None = None):

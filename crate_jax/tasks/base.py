@@ -49,6 +49,10 @@ class Task(abc.ABC):
         """Depth for layer-wise learning-rate decay (None: the task has no single depth)."""
         return None
 
+    def param_bounds(self) -> dict[str, tuple[float, float]]:
+        """Top-level parameters kept in [lo, hi] after every update (e.g. a temperature)."""
+        return {}
+
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         """A host batch of the right shapes and dtypes (for ahead-of-time compilation)."""
         it = self.train_data(batch_size, seed=0)

@@ -10,6 +10,7 @@ no update; a tower can start from another run's checkpoint (config.init_towers).
 from __future__ import annotations
 
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +40,17 @@ class ContrastiveTask(Task):
             text_overrides.setdefault("vocab_size", tokenizer.vocab_size)
             text_overrides.setdefault("eot_id", tokenizer.eot_id)
             text_overrides.setdefault("pad_id", tokenizer.pad_id)
+        # SigLIP: scale 10, bias −10, no bound; CLIP: scale 1/0.07, kept in [1, 100]
+        sigmoid = self.config.loss == "sigmoid"
         return ClipConfig(image=m.image, image_overrides=image_overrides, text=m.text,
                           text_overrides=text_overrides, embed_dim=m.embed_dim,
-                          logit_bias_init=-10.0 if self.config.loss == "sigmoid" else 0.0)
+                          logit_scale_init=math.log(10.0) if sigmoid else math.log(1 / 0.07),
+                          logit_scale_max=None if sigmoid else math.log(100.0),
+                          logit_bias_init=-10.0 if sigmoid else 0.0)
+
+    def param_bounds(self) -> dict[str, tuple[float, float]]:
+        top = self.model_config().logit_scale_max
+        return {} if top is None else {"logit_scale": (0.0, top)}
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         return CLIP(self.model_config(), rngs=rngs)

@@ -225,7 +225,8 @@ def _compile_step(run: _Run, params: dict) -> tuple[float, float]:
                             abstract, run.state_shard)
     step_fn = make_train_step(run.task.loss, run.graphdef, run.tx,
                               optim.make_schedule(config.optim), seed=config.seed,
-                              accum_steps=config.get("grad_accum_steps", 1), frozen=run.frozen)
+                              accum_steps=config.get("grad_accum_steps", 1), frozen=run.frozen,
+                              bounds=run.task.param_bounds())
     b_shard = batch_sharding(run.mesh, run.rules)
     jitted = jax.jit(step_fn, in_shardings=(run.state_shard, replicated(run.mesh), b_shard),
                      out_shardings=(run.state_shard, replicated(run.mesh)), donate_argnums=(0,))

@@ -59,13 +59,24 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
+def clamp_params(params: dict, bounds: dict[str, tuple[float, float]]) -> dict:
+    """Top-level parameters named in `bounds` clipped into [lo, hi] (the others as they are).
+
+    A bound on the value, applied after the update (as CLIP clamps its temperature), rather
+    than a clip in the forward pass: the gradient then always reaches the parameter, so a
+    temperature that reached its bound can move back."""
+    return {k: jnp.clip(v, *bounds[k]) if k in bounds else v for k, v in params.items()}
+
+
 def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, seed: int, accum_steps: int = 1,
-                    frozen: tuple[str, ...] = ()):
+                    frozen: tuple[str, ...] = (),
+                    bounds: dict[str, tuple[float, float]] | None = None):
     """train_step(state, rest, batch) -> (state, metrics), to be jitted by the caller.
 
     `frozen` top-level parameter groups (e.g. a pretrained text tower) get no gradient, no
-    update and no optimizer state; `tx` works on the trainable part only."""
+    update and no optimizer state; `tx` works on the trainable part only. Trainable
+    parameters named in `bounds` (Task.param_bounds) are clipped after every update."""
 
     def loss_of_params(trainable, fixed, rest, batch, rng):
         model = merge_model(graphdef, {**trainable, **fixed}, rest, train=True, rng=rng)
@@ -99,7 +110,8 @@ def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTran
             # every micro-batch loss is a mean over the same number of rows
             loss_value, aux, grads = jax.tree.map(lambda x: x / accum_steps, sums)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-        params = {**optax.apply_updates(trainable, updates), **fixed}
+        params = {**clamp_params(optax.apply_updates(trainable, updates), bounds or {}),
+                  **fixed}
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         metrics = {"train/loss": loss_value, "train/grad_norm": optax.tree.norm(grads),
                    "train/state_finite": all_finite((params, opt_state)),
