@@ -29,6 +29,21 @@ def env(**updates) -> dict:
     return out
 
 
+class IndexSource:
+    """A random-access source of n examples {'index': i}, to follow examples through a
+    pipeline."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        import numpy as np
+        return {"index": np.int32(i)}
+
+
 def metrics(workdir) -> dict[int, dict]:
     """metrics.jsonl of a run, merged per step."""
     out: dict[int, dict] = {}

@@ -21,7 +21,8 @@ import sys
 
 import numpy as np
 import pytest
-from multiprocess_utils import FAST_COMPILE
+from multiprocess_utils import FAST_COMPILE, IndexSource, metrics
+from multiprocess_utils import env as clean_env
 
 from crate_jax.data import pipeline
 from crate_jax.data.webdataset import WebDatasetReader, write_shards
@@ -39,23 +40,12 @@ TIMEOUT = 180
 
 # --------------------------------------------------------------------------- grain, unit level
 
-class _IndexSource:
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return {"index": np.int32(i)}
-
-
 def _noisy(example, rng):  # the augmentation's RNG must carry over too
     return {"index": example["index"], "noise": rng.random(2)}
 
 
 def _iterators(count, global_batch=8, n=40):
-    return [pipeline.train_iterator(_IndexSource(n), batch_size=global_batch // count, seed=3,
+    return [pipeline.train_iterator(IndexSource(n), batch_size=global_batch // count, seed=3,
                                     transform=_noisy, process=(p, count)) for p in range(count)]
 
 
@@ -217,25 +207,17 @@ def test_webdataset_states_of_other_shards_are_refused(shards):
 
 # --------------------------------------------------------------------------- real runs
 
-def _env(**updates) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-                                "SLURM_", "OMPI_", "CRATE_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **updates)
-    return env
-
-
 def _start(workdir, processes, logdir):
     if processes == 1:
         return subprocess.Popen(
             [sys.executable, "-m", "crate_jax.main", *ARGS, f"--workdir={workdir}"], cwd=ROOT,
-            env=_env(XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"),
+            env=clean_env(XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.Popen(
         ["bash", SCRIPT, f"--processes={processes}", f"--devices={8 // processes}",
          "--no-follow", f"--python={sys.executable}", f"--timeout={TIMEOUT - 10}",
          f"--logdir={logdir}", "--", *ARGS, f"--workdir={workdir}"],
-        cwd=ROOT, env=_env(XLA_FLAGS=FAST_COMPILE), stdout=subprocess.PIPE,
+        cwd=ROOT, env=clean_env(XLA_FLAGS=FAST_COMPILE), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
 
 
@@ -252,14 +234,6 @@ def _wait_all(procs):
                        for f in sorted(logdir.glob("process_*.log"))) if logdir.exists() else ""
         assert p.returncode == 0, out[-5000:] + logs
     return outs
-
-
-def _metrics(workdir) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for line in open(workdir / "metrics.jsonl"):
-        row = json.loads(line)
-        out.setdefault(row["step"], {}).update(row)
-    return out
 
 
 def _resumable_copy(run, target):
@@ -303,7 +277,7 @@ def test_grain_run_resumes_with_another_process_count(runs, resumed, reference, 
             assert f"resumed from step {RESUME_AT} " in log.read_text()
     else:
         assert f"resumed from step {RESUME_AT} " in outs[0]
-    got, want = _metrics(base / resumed), _metrics(base / reference)
+    got, want = metrics(base / resumed), metrics(base / reference)
     logged = sorted(k for k, v in got.items() if "train/loss" in v)
     assert logged == [4, 6]
     for step in logged:

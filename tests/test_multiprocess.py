@@ -27,7 +27,8 @@ import time
 
 import numpy as np
 import pytest
-from multiprocess_utils import FAST_COMPILE
+from multiprocess_utils import FAST_COMPILE, IndexSource, metrics
+from multiprocess_utils import env as clean_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "local", "multiprocess.sh")
@@ -38,22 +39,6 @@ OVERRIDES = (f"--config.total_steps={STEPS}", f"--config.optim.total_steps={STEP
              "--config.checkpoint.async_save=False", "--config.measure_flops=False",
              "--config.tensorboard=False")
 TIMEOUT = 150
-
-
-def _env(**updates) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-                                "SLURM_", "OMPI_", "CRATE_"))}
-    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **updates)
-    return env
-
-
-def _metrics(workdir) -> dict[int, dict]:
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    out: dict[int, dict] = {}
-    for row in rows:
-        out.setdefault(row["step"], {}).update(row)
-    return out
 
 
 def _target_state(config, mesh):
@@ -126,11 +111,11 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multiprocess")
     multi, single = base / "two_processes", base / "one_process"
     args = [f"--config={DEMO}:smoke", *OVERRIDES]
-    env = _env(XLA_FLAGS=FAST_COMPILE, JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
+    env = clean_env(XLA_FLAGS=FAST_COMPILE, JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     reference = subprocess.Popen(
         [sys.executable, "-m", "crate_jax.main", *args, f"--workdir={single}"],
-        cwd=ROOT, env=_env(XLA_FLAGS=(f"--xla_force_host_platform_device_count="
+        cwd=ROOT, env=clean_env(XLA_FLAGS=(f"--xla_force_host_platform_device_count="
                                       f"{PROCESSES * DEVICES} {FAST_COMPILE}")),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -174,7 +159,7 @@ def test_two_processes_match_one_process(runs):
     logs = [(base / "logs_second" / f"process_{i}.log").read_text() for i in range(PROCESSES)]
     for i, log in enumerate(logs):
         assert f"jax.distributed: process {i} of 2, 4 local / 8 global devices" in log, log[-2000:]
-    m, s = _metrics(multi), _metrics(single)
+    m, s = metrics(multi), metrics(single)
     logged = sorted(k for k, v in m.items() if "train/loss" in v)
     assert logged == [2, 4, 6] and sorted(k for k, v in s.items() if "train/loss" in v) == logged
     for step in logged:
@@ -261,17 +246,6 @@ def test_when_jax_distributed_is_initialised(env, called_with, monkeypatch):
         initialize.assert_called_once_with(**called_with)
 
 
-class _IndexSource:
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return {"index": np.int32(i)}
-
-
 def _identity(example, rng):
     return example
 
@@ -279,7 +253,7 @@ def _identity(example, rng):
 def _indices(process_count, steps, n=64, batch=16):
     from crate_jax.data import pipeline
 
-    its = [pipeline.train_iterator(_IndexSource(n), batch_size=batch // process_count, seed=0,
+    its = [pipeline.train_iterator(IndexSource(n), batch_size=batch // process_count, seed=0,
                                    transform=_identity, process=(p, process_count))
            for p in range(process_count)]
     return [np.concatenate([next(it)["index"] for it in its]) for _ in range(steps)]
