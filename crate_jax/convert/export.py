@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from crate_jax import models
 from crate_jax.convert.files import save_weights
 from crate_jax.convert.importers import TORCH_HEAD_EPS, ConversionError
 from crate_jax.models.config import VisionConfig
@@ -35,14 +36,8 @@ __all__ = ["EXPORT_FORMATS", "compatibility_notes", "export_weights", "to_crate_
 EXPORT_FORMATS = ("crate-alpha-torch", "crate-torch")
 
 
-def _flat(params: Mapping[Any, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            out |= _flat(value, f"{prefix}{key}/")
-        else:
-            out[f"{prefix}{key}"] = np.asarray(value)
-    return out
+def _flat(params: Mapping[Any, Any]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in models.flat_params(params).items()}
 
 
 def _depth(flat: Mapping[str, np.ndarray]) -> int:

@@ -166,16 +166,6 @@ def _nest(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return out
 
 
-def _flat_paths(tree: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out |= _flat_paths(value, f"{prefix}{key}/")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _describe(dims: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in dims.items() if v is not None)
 
@@ -366,8 +356,8 @@ def check_against_model(imported: Imported) -> None:
     """Raise ConversionError unless `imported.params` has exactly the model's paths and shapes."""
     abstract = nnx.eval_shape(lambda: models.create(imported.name, **imported.overrides))
     want = {k: tuple(v.shape) for k, v in
-            _flat_paths(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))).items()}
-    have = {k: tuple(np.shape(v)) for k, v in _flat_paths(imported.params).items()}
+            models.flat_params(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))).items()}
+    have = {k: tuple(np.shape(v)) for k, v in models.flat_params(imported.params).items()}
     problems = [f"{k}: missing" for k in want if k not in have]
     problems += [f"{k}: not a model parameter" for k in have if k not in want]
     problems += [f"{k}: {have[k]} vs model {want[k]}" for k in want

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 from flax import nnx
@@ -100,6 +102,17 @@ def create(name: str, *, seed: int = 0, rngs: nnx.Rngs | None = None,
     """
     cfg = config_for(name, **overrides)
     return build(cfg, rngs=rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def flat_params(tree: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested parameter dict as {'encoder/layers/0/attn/proj': leaf} ('/'-joined paths)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out |= flat_params(value, f"{prefix}{key}/")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def count_params(model: nnx.Module) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 from etils import epath
 
+from crate_jax.models import flat_params
 from crate_jax.models.resize import adapt_for_finetune
 from crate_jax.parallel import replicated
 from crate_jax.train.checkpoint import Checkpointer
@@ -34,16 +35,6 @@ def _checkpointer(source: str) -> tuple[Checkpointer, epath.Path]:
     path = epath.Path(source)
     directory = path / "checkpoints" if (path / "checkpoints").exists() else path
     return Checkpointer(directory, async_save=False), directory
-
-
-def _flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out |= _flat(value, f"{prefix}{key}/")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _nest(flat: Mapping[str, Any], like: Mapping, prefix: str = "") -> dict:
@@ -79,7 +70,7 @@ def finetune_params(config: Any, params: dict, shardings: dict,
     checkpointer, directory = _checkpointer(config.init_from)
     step, saved = checkpointer.saved_params(config.get("init_step"))
     reinit_head = config.get("reinit_head", True)
-    source, target = _flat(saved), _flat(params)
+    source, target = flat_params(saved), flat_params(params)
 
     notes: list[str] = []
 
@@ -102,7 +93,7 @@ def finetune_params(config: Any, params: dict, shardings: dict,
             continue  # the fresh value is kept
         sharding = fresh.sharding if have.shape == fresh.shape else replicated(mesh)
         wanted[path] = jax.ShapeDtypeStruct(have.shape, have.dtype, sharding=sharding)
-    loaded = _flat(checkpointer.restore_param_subset(step, _nest(wanted, saved)))
+    loaded = flat_params(checkpointer.restore_param_subset(step, _nest(wanted, saved)))
     kept = {p: v for p, v in loaded.items() if v.shape == target[p].shape}
     resized = {p: v for p, v in loaded.items() if p not in kept}
     # the kept leaves are already in their target shardings: donated, they become the output
