@@ -12,7 +12,9 @@ USAGE = """\
 python -m crate_jax.convert import --from {crate-torch,crate-alpha-torch,crate-alpha-npz} \\
     IN OUT [--heads K] [--name NAME] [--image-size S] [--patch-size P] \\
     [--allow-extra REGEX=REASON ...] [--set FIELD=VALUE ...]
-python -m crate_jax.convert export --to {crate-alpha-torch,crate-torch} \\
+python -m crate_jax.convert import --from crate-alpha-clipa-torch IN OUT \\
+    [--heads K] [--text-heads K] [--allow-extra REGEX=REASON ...]
+python -m crate_jax.convert export --to {crate-alpha-torch,crate-torch,crate-alpha-clipa-torch} \\
     RUN_OR_CKPT OUT.{safetensors,pth} [--step N]"""
 
 
@@ -51,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--heads", type=int, default=None,
                      help="attention heads (PyTorch layouts do not record them; default: the "
                           "standard size table by width)")
+    imp.add_argument("--text-heads", type=int, default=None,
+                     help="text-tower heads of a two-tower checkpoint (default: width / 64, "
+                          "as the CRATE-α-CLIPA port)")
     imp.add_argument("--name", default=None,
                      help="a registry name hint, e.g. crate-b or crate-alpha-l/14: its size "
                           "gives the heads and the name")
@@ -75,20 +80,35 @@ def parser() -> argparse.ArgumentParser:
 def _import(args: argparse.Namespace) -> None:
     import jax
 
+    from crate_jax.convert.clipa import LAYOUT as CLIPA
+    from crate_jax.convert.clipa import ImportedClip
     from crate_jax.convert.importers import import_weights
     from crate_jax.convert.runs import write_run
 
     fields = {k: _json_value(v) for k, v in _pairs(args.set, "--set").items()}
-    imported = import_weights(args.input, args.layout, heads=args.heads, name=args.name,
-                              image_size=args.image_size, patch_size=args.patch_size,
-                              allow_extra=_pairs(args.allow_extra, "--allow-extra"), **fields)
+    options = dict(heads=args.heads, name=args.name, image_size=args.image_size,
+                   patch_size=args.patch_size, allow_extra=_pairs(args.allow_extra,
+                                                                  "--allow-extra"))
+    if args.layout == CLIPA:
+        options["text_heads"] = args.text_heads
+    elif args.text_heads is not None:
+        raise SystemExit(f"--text-heads applies to --from {CLIPA} only")
+    imported = import_weights(args.input, args.layout, **options, **fields)
     write_run(args.output, imported, source={"format": args.layout, "path": str(args.input)})
     count = sum(int(x.size) for x in jax.tree.leaves(imported.params))
+    for note in imported.notes:
+        print(f"note: {note}")
+    if isinstance(imported, ImportedClip):
+        clip = imported.clip
+        print(f"imported {args.input} as {clip['image']} + {clip['text']} (embedding "
+              f"{clip['embed_dim']}, {count:,} parameters, "
+              f"{clip['image_overrides']['image_size']} px) into {args.output}")
+        print(f"evaluate: python -m crate_jax.evaluate --workdir={args.output} "
+              "--tokenizer=vocab.txt --evals=zeroshot,retrieval")
+        return
     overrides = {k: v for k, v in imported.overrides.items()
                  if k not in ("num_classes", "image_size")}
     cfg = imported.config()
-    for note in imported.notes:
-        print(f"note: {note}")
     print(f"imported {args.input} as {imported.name} {overrides} ({count:,} parameters, "
           f"{cfg.num_classes} classes, {cfg.image_size} px) into {args.output}")
     print(f"finetune: --config.init_from={args.output} --config.model.name={imported.name} "

@@ -33,7 +33,7 @@ from crate_jax.models.layers import sincos_2d
 __all__ = ["EXPORT_FORMATS", "compatibility_notes", "export_weights", "to_crate_alpha_torch",
            "to_crate_torch"]
 
-EXPORT_FORMATS = ("crate-alpha-torch", "crate-torch")
+EXPORT_FORMATS = ("crate-alpha-torch", "crate-torch", "crate-alpha-clipa-torch")
 
 
 def _flat(params: Mapping[Any, Any]) -> dict[str, np.ndarray]:
@@ -88,7 +88,7 @@ def _posemb(get: _Reader, cfg: VisionConfig | None) -> np.ndarray:
 def compatibility_notes(cfg: VisionConfig | None, layout: str) -> list[str]:
     """What the `layout`'s reference code computes differently from the model `cfg`; raises
     ConversionError for a model it cannot represent at all."""
-    if layout not in EXPORT_FORMATS:
+    if layout not in EXPORTERS:
         raise ValueError(f"unknown export layout {layout!r}; layouts are {list(EXPORT_FORMATS)}")
     if cfg is None:
         return ["no model config: exported by parameter names alone (nothing checked)"]
@@ -202,12 +202,26 @@ EXPORTERS = {"crate-alpha-torch": to_crate_alpha_torch, "crate-torch": to_crate_
 
 
 def export_weights(params: Mapping[Any, Any], layout: str, path: str | os.PathLike,
-                   cfg: VisionConfig | None = None, *,
+                   cfg: Any = None, *,
                    name: str | None = None) -> list[str]:
     """Write `params` in `layout` to `path` (.safetensors or .npz without torch; .pth/.pt/.bin
     with torch). A .safetensors file records the layout, the heads and the model `name` /
     config in its metadata (the import reads the heads back from it). Returns the
     compatibility notes."""
+    from crate_jax.convert import clipa
+
+    two_tower = isinstance(cfg, clipa.ClipConfig)
+    if two_tower != (layout == clipa.LAYOUT):
+        raise ConversionError(f"a {'two-tower' if two_tower else 'single-tower'} run cannot be "
+                              f"exported as {layout}" + (
+                                  f"; use {clipa.LAYOUT}" if two_tower else ""))
+    if two_tower:
+        image = models.config_for(cfg.image, **dict(cfg.image_overrides))
+        text = models.config_for(cfg.text, **dict(cfg.text_overrides))
+        save_weights(clipa.to_crate_alpha_clipa_torch(params, cfg), path,
+                     {"format": "pt", "layout": layout, "producer": "crate_jax.convert",
+                      "heads": str(image.heads), "text_heads": str(text.heads)})
+        return []
     notes = compatibility_notes(cfg, layout)
     state_dict = EXPORTERS[layout](params, cfg)
     metadata = {"format": "pt", "layout": layout, "producer": "crate_jax.convert"}

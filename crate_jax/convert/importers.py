@@ -53,7 +53,7 @@ __all__ = [
     "resize_imported",
 ]
 
-FORMATS = ("crate-torch", "crate-alpha-torch", "crate-alpha-npz")
+FORMATS = ("crate-torch", "crate-alpha-torch", "crate-alpha-npz", "crate-alpha-clipa-torch")
 FAMILY_OF = {"crate": "crate", "crate_alpha": "crate-alpha"}
 TORCH_HEAD_EPS = 1e-5  # the CRATE-α PyTorch port's mlp_head.0 LayerNorm
 
@@ -83,17 +83,19 @@ class Imported:
         return models.config_for(self.name, **self.overrides)
 
     def build(self, *, seed: int = 0) -> nnx.Module:
-        """The model with the imported parameters loaded. Nothing is randomly initialised: the
-        structure comes from an abstract model, the non-parameter state (a fixed sin-cos table,
-        random streams) from a jitted construction whose unused parameter init XLA drops."""
+        """The model with the imported parameters loaded (nothing randomly initialised)."""
+        return build_loaded(lambda: models.create(self.name, seed=seed, **self.overrides),
+                            self.params)
 
-        def make() -> nnx.Module:
-            return models.create(self.name, seed=seed, **self.overrides)
 
-        graphdef, params, _ = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
-        rest = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[2])()
-        nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, self.params))
-        return nnx.merge(graphdef, params, rest)
+def build_loaded(make: Callable[[], nnx.Module], params: Mapping[str, Any]) -> nnx.Module:
+    """`make()`'s module with `params` (a pure dict) loaded. Nothing is randomly initialised:
+    the structure comes from an abstract model, the non-parameter state (a fixed sin-cos table,
+    random streams) from a jitted construction whose unused parameter init XLA drops."""
+    graphdef, abstract, _ = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+    rest = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[2])()
+    nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, params))
+    return nnx.merge(graphdef, abstract, rest)
 
 
 # --- the source mapping --------------------------------------------------------------------
@@ -209,7 +211,7 @@ def _apply(flat: Mapping[str, np.ndarray], spec: Mapping[str, _Entry], *, layout
         value = entry.convert(flat[key])
         if value.dtype != dtype:
             casts[str(value.dtype)] += 1
-        out[entry.ours] = np.ascontiguousarray(value, dtype=dtype)
+        out[entry.ours] = np.array(value, dtype=dtype, order="C")  # keeps 0-d arrays 0-d
     for source_dtype, count in sorted(casts.items()):
         notes.append(f"{count} tensor(s) cast {source_dtype} -> {np.dtype(dtype).name}")
     return out
@@ -354,17 +356,24 @@ def _finish(block: str, layout: str, flat: Mapping[str, np.ndarray], spec: Mappi
 
 def check_against_model(imported: Imported) -> None:
     """Raise ConversionError unless `imported.params` has exactly the model's paths and shapes."""
-    abstract = nnx.eval_shape(lambda: models.create(imported.name, **imported.overrides))
+    check_params_fit(lambda: models.create(imported.name, **imported.overrides),
+                     imported.params, f"{imported.name} {imported.overrides}")
+
+
+def check_params_fit(make: Callable[[], nnx.Module], params: Mapping[str, Any],
+                     what: str) -> None:
+    """Raise ConversionError unless `params` has exactly the paths and shapes of `make()`'s."""
+    abstract = nnx.eval_shape(make)
     want = {k: tuple(v.shape) for k, v in
             models.flat_params(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))).items()}
-    have = {k: tuple(np.shape(v)) for k, v in models.flat_params(imported.params).items()}
+    have = {k: tuple(np.shape(v)) for k, v in models.flat_params(params).items()}
     problems = [f"{k}: missing" for k in want if k not in have]
     problems += [f"{k}: not a model parameter" for k in have if k not in want]
     problems += [f"{k}: {have[k]} vs model {want[k]}" for k in want
                  if k in have and have[k] != want[k]]
     if problems:
-        raise ConversionError(f"the converted parameters do not fit {imported.name} "
-                              f"{imported.overrides}: " + "; ".join(problems))
+        raise ConversionError(f"the converted parameters do not fit {what}: "
+                              + "; ".join(problems))
 
 
 def resize_imported(imported: Imported, *, image_size: int | None = None,
@@ -697,7 +706,7 @@ IMPORTERS: dict[str, Callable[..., Imported]] = {
 def import_weights(source: Any, layout: str, **kwargs: Any) -> Imported:
     """Import `source` (a path to a .pth/.pt/.bin/.ckpt, .npz or .safetensors file, or a mapping
     already in memory) as `layout` (one of FORMATS); kwargs go to the layout's importer."""
-    if layout not in IMPORTERS:
+    if layout not in FORMATS:
         raise ValueError(f"unknown checkpoint layout {layout!r}; layouts are {list(FORMATS)}")
     if not isinstance(source, Mapping):
         from crate_jax.convert.files import load_weights
@@ -705,4 +714,8 @@ def import_weights(source: Any, layout: str, **kwargs: Any) -> Imported:
         source, metadata = load_weights(source)
         if metadata and kwargs.get("metadata") is None:
             kwargs["metadata"] = metadata
+    if layout == "crate-alpha-clipa-torch":  # the two-tower release (convert/clipa.py)
+        from crate_jax.convert.clipa import import_crate_alpha_clipa_torch
+
+        return import_crate_alpha_clipa_torch(source, **kwargs)
     return IMPORTERS[layout](source, **kwargs)

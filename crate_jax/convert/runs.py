@@ -30,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_jax import models
+from crate_jax.convert.clipa import ImportedClip
 from crate_jax.convert.importers import ConversionError, Imported
+from crate_jax.models.clip import ClipConfig
 from crate_jax.models.config import VisionConfig
 
 __all__ = ["load_run", "run_config", "write_run"]
@@ -48,8 +50,11 @@ class _NoData:
         del state
 
 
-def run_config(imported: Imported, source: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_config(imported: Imported | ImportedClip,
+               source: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config.json of an imported checkpoint."""
+    if isinstance(imported, ImportedClip):
+        return imported.run_config(source)
     overrides = {k: v for k, v in imported.overrides.items() if k not in DATA_FIELDS}
     cfg = imported.config()
     return {
@@ -60,7 +65,7 @@ def run_config(imported: Imported, source: dict[str, Any] | None = None) -> dict
     }
 
 
-def write_run(out: str | os.PathLike, imported: Imported,
+def write_run(out: str | os.PathLike, imported: Imported | ImportedClip,
               source: dict[str, Any] | None = None) -> Path:
     """Write `imported` as the run directory `out` (see the module docstring); `out` must not
     hold a checkpoint or config.json already. Returns the path of the checkpoint directory."""
@@ -97,11 +102,12 @@ def _checkpoint_dir(path: Path) -> tuple[Path, int | None, Path | None]:
 
 
 def load_run(path: str | os.PathLike, step: int | None = None
-             ) -> tuple[dict[str, Any], VisionConfig | None, str | None]:
+             ) -> tuple[dict[str, Any], VisionConfig | ClipConfig | None, str | None]:
     """(params as NumPy, the model config or None, the model name or None) of a run directory,
     a checkpoint directory or one step directory. The config comes from the run's config.json
     (model.name + model.overrides, with data.num_classes / data.image_size as the
-    classification task applies them); without one it is None."""
+    classification task applies them; a contrastive run's ClipConfig, with no name); without
+    one it is None."""
     from crate_jax.train.checkpoint import Checkpointer
 
     path = Path(path)
@@ -119,6 +125,12 @@ def load_run(path: str | os.PathLike, step: int | None = None
     config_file = config_dir / "config.json" if config_dir is not None else None
     if config_file is not None and config_file.exists():
         config = json.loads(config_file.read_text())
+        if config.get("trainer") == "contrastive":  # a two-tower run: its ClipConfig
+            import ml_collections
+
+            from crate_jax import tasks
+            task = tasks.get("contrastive")(ml_collections.ConfigDict(config))
+            return params, task.model_config(), None
         model = config.get("model") or {}
         name = model.get("name")
         if not name:

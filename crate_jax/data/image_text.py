@@ -29,9 +29,16 @@ from crate_jax.data import tokenizer as tokenizers
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer(spec: str | None) -> tokenizers.Tokenizer:
     if spec and spec.startswith("builtin:"):
-        # Tokenizers that ship with the package (crate_jax/data/assets/NAME.model).
+        # Tokenizers that ship with the package: crate_jax/data/assets/NAME.model (SentencePiece)
+        # or NAME.txt (a BERT vocab.txt)
         from importlib import resources
-        spec = str(resources.files("crate_jax.data").joinpath("assets", spec[8:] + ".model"))
+        assets = resources.files("crate_jax.data").joinpath("assets")
+        found = [assets.joinpath(spec[8:] + s) for s in (".model", ".txt")
+                 if assets.joinpath(spec[8:] + s).is_file()]
+        if not found:
+            raise FileNotFoundError(f"tokenizer {spec!r}: no {spec[8:]}.model or "
+                                    f"{spec[8:]}.txt in crate_jax/data/assets")
+        spec = str(found[0])
     return tokenizers.load(spec)
 
 

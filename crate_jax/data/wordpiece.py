@@ -109,3 +109,16 @@ class WordPieceTokenizer:
     def __repr__(self) -> str:
         return (f"WordPieceTokenizer({self.path!r}, vocab_size={self.vocab_size}, "
                 f"sep_to_pad={self.sep_to_pad})")
+
+
+def bert_layout_vocab(words: Sequence[str]) -> list[str]:
+    """The lines of a vocab.txt in BERT-base's layout for these words: [PAD] 0, [unused0..98],
+    [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103, then every lower-case letter, digit and ASCII
+    punctuation mark with its '##' continuation (so that no word becomes [UNK]), then the words.
+    `crate_jax/data/assets/shapes_captions_bert.txt` is this for the synthetic captions."""
+    import string
+
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    lines = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]",
+             "[MASK]", *chars, *(f"##{c}" for c in chars), *sorted(set(words) - set(chars))]
+    return list(dict.fromkeys(lines))

@@ -185,11 +185,13 @@ class MHSA(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """ViT MLP: O = GELU(LN(Z)·W₁ + b₁)·W₂ + b₂. Returns (O, hidden activations)."""
+    """ViT MLP: O = GELU(LN(Z)·W₁ + b₁)·W₂ + b₂, GELU exact (erf) or its tanh approximation
+    (`approximate_gelu`, as CLIPA's text tower). Returns (O, hidden activations)."""
 
     def __init__(self, width: int, hidden: int, *, eps: float, dtype: jnp.dtype,
-                 param_dtype: jnp.dtype, rngs: nnx.Rngs):
+                 param_dtype: jnp.dtype, rngs: nnx.Rngs, approximate_gelu: bool = False):
         self.dtype = dtype
+        self.approximate_gelu = approximate_gelu
         self.norm = LayerNorm(width, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         kw = dict(kernel_init=jax.nn.initializers.xavier_uniform(), bias_init=normal(1e-6),
                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -197,5 +199,5 @@ class MLP(nnx.Module):
         self.fc2 = Dense(hidden, width, axes=("mlp", "embed"), **kw)
 
     def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
-        hidden = jax.nn.gelu(self.fc1(self.norm(z)), approximate=False)
+        hidden = jax.nn.gelu(self.fc1(self.norm(z)), approximate=self.approximate_gelu)
         return self.fc2(hidden), hidden

@@ -13,6 +13,8 @@ BLOCKS = ("crate", "crate_alpha", "vit")
 REMAT_POLICIES = ("none", "dots", "full")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
+MLP_ACTIVATIONS = ("gelu", "gelu_tanh")
+TEXT_POOLS = ("eot", "first", "last", "last_token", "mean")
 
 
 def _check(condition: bool, field: str, message: str) -> None:
@@ -47,6 +49,7 @@ class TowerConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
     remat: str = "none"  # rematerialise each layer: 'none', 'dots' (save matmuls), 'full'
+    mlp_activation: str = "gelu"  # ViT MLP: 'gelu' (exact, erf) or 'gelu_tanh' (CLIPA's text)
 
     def __post_init__(self):
         _check_choice(self.block, "block", BLOCKS)
@@ -65,12 +68,15 @@ class TowerConfig:
         _check_choice(self.param_dtype, "param_dtype", DTYPES)
         _check_choice(self.attention_impl, "attention_impl", ATTENTION_IMPLS)
         _check_choice(self.remat, "remat", REMAT_POLICIES)
+        _check_choice(self.mlp_activation, "mlp_activation", MLP_ACTIVATIONS)
         self._check_family_fields()
 
     # Fields that only some block families read: (field, families that use it, why not).
     _FAMILY_FIELDS = (
         ("mlp_dim", ("vit",), "has no MLP: its sparse-coding step is ISTA (CRATE) or ODL "
          "(CRATE-α, width overcomplete_ratio·width)"),
+        ("mlp_activation", ("vit",), "has no MLP activation: its sparse-coding step is ISTA "
+         "(CRATE) or ODL (CRATE-α), both ReLU thresholds"),
         ("overcomplete_ratio", ("crate_alpha",), "has no overcomplete dictionary (only "
          "CRATE-α's ODL does)"),
         ("ista_steps", ("crate_alpha",), "unrolls no ISTA steps (CRATE's ISTA block is one "
@@ -157,14 +163,25 @@ class VisionConfig(TowerConfig):
 class TextConfig(TowerConfig):
     """A text encoder over token ids (B, T); it returns pooled features of width `width`.
 
-    pool: 'eot' (the first `eot_id` token, else the last real one), 'last' (last non-pad
-    token), 'mean' (mean over non-pad tokens) or 'cls' (the first token).
+    pool, the position whose final token is the feature:
+      'eot'        the first `eot_id` token, else the last non-pad token (CLIP);
+      'first'      position 0 (a [CLS] token put first by the tokenizer);
+      'last'       position T−1 of the input, whatever token it holds (CLIPA: its rows are
+                   padded to the context length, so this is usually a pad position that has
+                   attended to the whole caption);
+      'last_token' the last non-pad token;
+      'mean'       the mean over the non-pad tokens.
+    causal: each token sees only the tokens before it (GPT-style); False: bidirectional.
+    mask_padding (bidirectional towers): pad keys are masked out of the attention. CLIPA's
+      text tower masks nothing (False). A causal tower needs no padding mask: its padding
+      comes after the real tokens, which the causal mask already hides it from.
     """
 
     block: str = "vit"
     context_length: int = 77
     vocab_size: int = 32_000
     causal: bool = True
+    mask_padding: bool = True
     pool: str = "eot"
     eot_id: int | None = None
     pad_id: int = 0
@@ -175,7 +192,7 @@ class TextConfig(TowerConfig):
         _check(self.context_length > 0, "context_length",
                f"must be positive, got {self.context_length}")
         _check(self.vocab_size > 1, "vocab_size", f"must be > 1, got {self.vocab_size}")
-        _check_choice(self.pool, "pool", ("eot", "last", "mean", "cls"))
+        _check_choice(self.pool, "pool", TEXT_POOLS)
         if self.pool == "eot":
             _check(self.eot_id is not None, "eot_id", "pool='eot' needs eot_id")
         if self.eot_id is not None:

@@ -39,7 +39,8 @@ class Layer(nnx.Module):
                   rngs=rngs)
         if cfg.block == "vit":
             self.attn = MHSA(cfg.width, cfg.heads, attention_impl=cfg.attention_impl, **kw)
-            self.sparse = MLP(cfg.width, cfg.hidden_dim, **kw)
+            self.sparse = MLP(cfg.width, cfg.hidden_dim,
+                              approximate_gelu=cfg.mlp_activation == "gelu_tanh", **kw)
         else:
             self.attn = MSSA(cfg.width, cfg.heads, out_bias=cfg.block == "crate",
                              attention_impl=cfg.attention_impl, **kw)

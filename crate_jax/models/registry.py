@@ -1,8 +1,10 @@
 """Model names → configurations → modules.
 
 Names: "crate-b/16", "crate-alpha-l/14", "vit-b/16" (family-size/patch), and for text towers
-"text-b", "crate-alpha-text-b". Sizes are case-insensitive except where two differ only by case
-(CRATE-α and ViT "g" (giant) and "G" (gigantic)).
+"text-b", "crate-alpha-text-b" (CLIP-style: causal, pooled at the end-of-text token) and
+"clipa-text-b/l/h" (the CRATE-α-CLIPA text towers: bidirectional, no padding mask, pooled at the
+last position, GELU-tanh MLP, 32 tokens of a 32,000-row table). Sizes are case-insensitive
+except where two differ only by case (CRATE-α and ViT "g" (giant) and "G" (gigantic)).
 """
 
 from __future__ import annotations
@@ -36,10 +38,19 @@ VISION_SIZES = {
 # CLIP-style text widths per size.
 TEXT_SIZES = {"Ti": (192, 12, 3), "S": (384, 12, 6), "B": (512, 12, 8), "L": (768, 12, 12),
               "H": (1024, 24, 16)}
+# The CLIPA text towers (CRATE-α's torch_inference/model/clipa_model.py, big_vision's text
+# transformer): B 512 × 12 (8 heads), L 768 × 12 (12), H 1024 × 24 (16).
+CLIPA_TEXT_SIZES = {"B": (512, 12, 8), "L": (768, 12, 12), "H": (1024, 24, 16)}
 FAMILIES = {"crate": "crate", "crate-alpha": "crate_alpha", "vit": "vit",
-            "text": "vit", "crate-alpha-text": "crate_alpha"}
+            "text": "vit", "crate-alpha-text": "crate_alpha", "clipa-text": "vit"}
+# Settings a family starts from (overrides still win).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "clipa-text": dict(causal=False, mask_padding=False, pool="last",
+                       mlp_activation="gelu_tanh", context_length=32, vocab_size=32_000,
+                       pad_id=0),
+}
 
-_NAME = re.compile(r"^(?P<family>crate-alpha-text|crate-alpha|crate|vit|text)-"
+_NAME = re.compile(r"^(?P<family>clipa-text|crate-alpha-text|crate-alpha|crate|vit|text)-"
                    r"(?P<size>[A-Za-z]+)(?:/(?P<patch>\d+))?$", re.IGNORECASE)
 
 
@@ -47,7 +58,12 @@ def available() -> list[str]:
     """Every family-size, for error messages and discovery (any patch size is accepted)."""
     names = [f"{fam}-{size}/P" for fam, block in FAMILIES.items() if "text" not in fam
              for size in VISION_SIZES[block]]
-    return names + [f"{fam}-{size}" for fam in FAMILIES if "text" in fam for size in TEXT_SIZES]
+    return names + [f"{fam}-{size}" for fam in FAMILIES if "text" in fam
+                    for size in _text_sizes(fam)]
+
+
+def _text_sizes(family: str) -> dict[str, tuple]:
+    return CLIPA_TEXT_SIZES if family == "clipa-text" else TEXT_SIZES
 
 
 def _size(table: dict, size: str, name: str) -> tuple:
@@ -71,9 +87,10 @@ def config_for(name: str, **overrides) -> VisionConfig | TextConfig:
     if is_text == (patch is not None):
         hint = "text towers take no patch size" if is_text else "add the patch size, e.g. /16"
         raise ValueError(f"unknown model name {name!r}: {hint}")
-    table = TEXT_SIZES if is_text else VISION_SIZES[block]
+    table = _text_sizes(family) if is_text else VISION_SIZES[block]
     dims = _size(table, match["size"], name)
-    fields = dict(block=block, width=dims[0], depth=dims[1], heads=dims[2])
+    fields = dict(block=block, width=dims[0], depth=dims[1], heads=dims[2],
+                  **FAMILY_DEFAULTS.get(family, {}))
     if len(dims) > 3:
         fields["mlp_dim"] = dims[3]
     cls = TextConfig if is_text else VisionConfig

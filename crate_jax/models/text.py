@@ -1,8 +1,11 @@
 """Text tower for contrastive training: a ViT-style or CRATE-α transformer over token ids.
 
     Z⁰ = Embed(t) + P[:T]
-    Zᴸ = LN(Encoder(Z⁰))     causal mask, or (bidirectional) padding keys masked out
-    f  = pool(Zᴸ)            eot | last | mean | cls  (see TextConfig)
+    Zᴸ = LN(Encoder(Z⁰))     causal mask; or bidirectional, padding keys masked out or not
+    f  = pool(Zᴸ)            eot | first | last | last_token | mean  (see TextConfig)
+
+CLIPA's text tower (registry 'clipa-text-h'): bidirectional, no padding mask, pooled at the
+last position, GELU (tanh) MLP.
 """
 
 from __future__ import annotations
@@ -31,12 +34,15 @@ class TextTransformer(nnx.Module):
                               rngs=rngs)
 
     def pool_index(self, tokens: jax.Array) -> jax.Array:
-        """The position each sequence is pooled at, for 'eot', 'last' and 'cls'."""
+        """The position each sequence is pooled at (every pool but 'mean')."""
         cfg = self.cfg
-        last_real = jnp.maximum((tokens != cfg.pad_id).sum(1) - 1, 0)
-        if cfg.pool == "cls":
-            return jnp.zeros(tokens.shape[:1], jnp.int32)
+        batch, length = tokens.shape
+        if cfg.pool == "first":
+            return jnp.zeros((batch,), jnp.int32)
         if cfg.pool == "last":
+            return jnp.full((batch,), length - 1, jnp.int32)
+        last_real = jnp.maximum((tokens != cfg.pad_id).sum(1) - 1, 0)
+        if cfg.pool == "last_token":
             return last_real
         is_eot = tokens == cfg.eot_id
         return jnp.where(is_eot.any(1), jnp.argmax(is_eot, axis=1), last_real)
@@ -50,7 +56,7 @@ class TextTransformer(nnx.Module):
         z0 = (jnp.take(self.token_embedding[...], tokens, axis=0).astype(dt)
               + self.pos_embedding[...][:, : tokens.shape[1]].astype(dt))
         real = tokens != cfg.pad_id
-        key_mask = None if cfg.causal else real
+        key_mask = real if (not cfg.causal and cfg.mask_padding) else None
         z, inter = self.encoder(z0, key_mask, is_causal=cfg.causal, collect=collect)
         z = self.norm(z)
         if cfg.pool == "mean":
