@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 256
     c.total_steps = 1000
     c.grad_accum_steps = 1
+    c.grad_accum_mode = "auto"  # contrastive: feature-cached (the whole batch's update)
     c.log_every = 50
     c.eval_every = 0  # 0: only at the end
     c.eval_batch_size = 256
@@ -136,20 +137,26 @@ def smoke(c: ml_collections.ConfigDict, *, model_name: str | None = None,
 
 def smoke_clip(c: ml_collections.ConfigDict, *,
                probe: bool = False) -> ml_collections.ConfigDict:
-    """Smoke mode for contrastive configs: toy towers of the same families, synthetic captions."""
+    """Smoke mode for contrastive configs: toy towers of the same families, synthetic captions.
+    A CLIPA text tower keeps the CLIPA path: the BERT WordPiece vocabulary (the shipped
+    vocab.txt of the synthetic captions), 32 tokens, reduced as the stage reduces them."""
     image_family = c.model.image.rsplit("-", 1)[0]
     c.model.image = (f"{image_family}-t/8" if image_family == "crate" else
                      f"{image_family}-ti/8")
     c.model.image_overrides = ml_collections.ConfigDict(
         {**dict(c.model.get("image_overrides", {})), "width": 32, "depth": 2, "heads": 2})
-    c.model.text = f"{c.model.text.rsplit('-', 1)[0]}-ti"
+    text_family = c.model.text.rsplit("-", 1)[0]
+    clipa_text = text_family == "clipa-text"
+    c.model.text = f"{text_family}-b" if clipa_text else f"{text_family}-ti"
     c.model.text_overrides = ml_collections.ConfigDict(
         {**dict(c.model.get("text_overrides", {})), "width": 32, "depth": 1, "heads": 2})
     c.model.embed_dim = 16
+    context = 32 if clipa_text else 72
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic_captions", image_size=16, holdout_pairs=4, seed=0,
-        num_train_examples=256, tokenizer="bytes", context_length=72,
-        text_tokens=min(c.data.get("text_tokens") or 72, 72),
+        num_train_examples=256,
+        tokenizer="builtin:shapes_captions_bert" if clipa_text else "bytes",
+        context_length=context, text_tokens=min(c.data.get("text_tokens") or context, context),
         text_reduction=c.data.get("text_reduction", "truncate"), num_workers=0))
     c.evals = ml_collections.ConfigDict(dict(
         zeroshot=dict(kind="zeroshot", source="synthetic_captions", split="test",
@@ -164,13 +171,22 @@ def smoke_clip(c: ml_collections.ConfigDict, *,
     return _smoke_schedule(c)
 
 
+# The CRATE-α-CLIPA recipe trains the image tower against a pretrained text tower that stays
+# frozen together with the temperature (DESIGN.md §4; the official config freezes 't' and
+# 'txt/.*').
+CLIPA_FROZEN = ("text", "text_proj", "logit_scale")
+
+
 def clipa_config(*, image: str, text: str, embed_dim: int, arg: str | None,
                  pretrain: dict, finetune: dict) -> ml_collections.ConfigDict:
-    """A CLIPA recipe (DESIGN.md §4) with a low-resolution pretrain stage and a full-resolution
-    finetune stage: `--config=configs/clipa_X.py:stage=pretrain|finetune[,init_from=RUN]
-    [,text_from=RUN][,shards=PATTERN][,tokenizer=FILE][,smoke]`.
+    """A CRATE-α-CLIPA recipe (DESIGN.md §4) with a low-resolution pretrain stage and a
+    full-resolution finetune stage: `--config=configs/clipa_X.py:stage=pretrain|finetune
+    [,text_from=RUN][,init_from=RUN][,shards=PATTERN][,tokenizer=vocab.txt][,smoke]`.
 
-    pretrain / finetune: image_size, text_tokens, batch_size, lr, warmup_steps, samples."""
+    text_from: the run whose text tower, text projection and temperature are loaded and frozen
+    (an imported release: `python -m crate_jax.convert import --from crate-alpha-clipa-torch
+    crate_alpha_CLIPA_L14.pth RUN`). pretrain / finetune: image_size, text_tokens, batch_size,
+    lr, warmup_steps, samples."""
     args = parse_arg(arg, stage="pretrain", init_from="", text_from="", shards="",
                      tokenizer="", smoke=False)
     if args.stage not in ("pretrain", "finetune"):
@@ -179,15 +195,16 @@ def clipa_config(*, image: str, text: str, embed_dim: int, arg: str | None,
     c = base_config()
     c.trainer = "contrastive"
     c.loss = "infonce"
+    # vocab_size, pad and end-of-text ids come from the tokenizer (clipa-text's table has the
+    # release's 32,000 rows); the image tower pools the cls token, its stem has no bias
     c.model = ml_collections.ConfigDict(dict(
-        image=image, image_overrides=dict(pool="gap", dtype="bfloat16", remat="dots"),
-        text=text, text_overrides=dict(dtype="bfloat16", vocab_size=32_000, eot_id=2, pad_id=0,
-                                       pool="eot"),
-        embed_dim=embed_dim))
+        image=image, image_overrides=dict(pool="cls", stem_bias=False, dtype="bfloat16",
+                                          remat="dots"),
+        text=text, text_overrides=dict(dtype="bfloat16"), embed_dim=embed_dim))
     c.data = ml_collections.ConfigDict(dict(
         source="webdataset", shards=args.shards or None, tokenizer=args.tokenizer or None,
         image_size=stage.image_size, context_length=32, text_tokens=stage.text_tokens,
-        text_reduction="truncate", crop_area=(0.4, 1.0), shuffle_buffer=10_000,
+        text_reduction="truncate", crop_area=(0.4, 1.0), shuffle_buffer=250_000,
         max_bad_fraction=0.2, num_workers=32))
     c.image_reduction = ml_collections.ConfigDict(dict(strategy="none", keep=1.0))
     c.evals = ml_collections.ConfigDict(dict(
@@ -198,20 +215,19 @@ def clipa_config(*, image: str, text: str, embed_dim: int, arg: str | None,
     c.batch_size = stage.batch_size
     c.eval_batch_size = 1024
     c.total_steps = int(stage.samples) // stage.batch_size
-    c.optim.update(name="adamw", lr=stage.lr, b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.2,
-                   clip_norm=1.0, schedule="cosine", warmup_steps=stage.warmup_steps,
-                   total_steps=c.total_steps, end_lr=0.0)
+    c.optim.update(name="adamw", lr=stage.lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.2,
+                   mu_dtype="bfloat16", clip_norm=1.0, schedule="cosine",
+                   warmup_steps=stage.warmup_steps, total_steps=c.total_steps, end_lr=0.0)
     c.log_every = 100
     c.eval_every = 5000
     c.checkpoint.update(every=1000, keep=2, keep_best=1, best_metric="imagenet_zeroshot/top1")
     c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.freeze = list(CLIPA_FROZEN)
+    c.init_towers = ([dict(keys=list(CLIPA_FROZEN), **{"from": args.text_from})]
+                     if args.text_from else None)
     if args.stage == "finetune":
         c.init_from = args.init_from or None  # the pretrain run: position embedding resized
         c.reinit_head = False
-    if args.text_from:
-        # The CRATE-α-CLIPA recipe: a pretrained text tower, loaded and kept frozen.
-        c.init_towers = [dict(keys=["text", "text_proj"], **{"from": args.text_from})]
-        c.freeze = ["text", "text_proj"]
     if args.smoke:
         smoke_clip(c)
     return c

@@ -31,7 +31,8 @@ _EVALS = flags.DEFINE_list("evals", ["zeroshot", "retrieval"], "Evaluator kinds 
 _DATA = flags.DEFINE_string("data", "auto", "auto, synthetic, or tfds:NAME[:SPLIT].")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _NUM = flags.DEFINE_integer("num_examples", None, "Evaluate on the first N examples only.")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Evaluation batch size (global).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Evaluation batch size (global; default: "
+                               "the run's eval_batch_size, else 64).")
 _JSON = flags.DEFINE_string("json", None, "Also write the metrics to this JSON file.")
 
 TFDS_DEFAULT = {"zeroshot": ("imagenet2012", "validation"), "retrieval": ("coco_captions", "val")}
@@ -92,7 +93,8 @@ def eval_specs(config: ml_collections.ConfigDict, kinds: list[str], data: str,
 
 def evaluate(workdir: str, *, kinds: list[str], data: str = "auto",
              tokenizer: str | None = None, step: int | None = None,
-             num_examples: int | None = None, batch_size: int = 64) -> dict[str, float]:
+             num_examples: int | None = None,
+             batch_size: int | None = None) -> dict[str, float]:
     """The metrics of the run's evaluators on its checkpoint (see the module docstring)."""
     import jax
     from flax import nnx
@@ -104,6 +106,7 @@ def evaluate(workdir: str, *, kinds: list[str], data: str = "auto",
     config = read_run_config(workdir, tokenizer)
     if config.trainer == "contrastive":
         config.evals = eval_specs(config, kinds, data, num_examples)
+    batch_size = batch_size or config.get("eval_batch_size") or 64
     config.eval_batch_size = batch_size
     if "batch_size" not in config:  # an imported run has no training batch
         config.batch_size = batch_size

@@ -327,7 +327,7 @@ def compile_step(config, mesh_shape: dict[str, int], devices=None) -> Result:
     )
     from crate_jax.parallel.sharding import data_parallel_size
     from crate_jax.train import optim
-    from crate_jax.train.step import make_train_step, split_frozen
+    from crate_jax.train.step import split_frozen, task_train_step
 
     devices = list(devices or jax.devices())[:math.prod(mesh_shape.values())]
     mesh = make_mesh(mesh_shape, devices=devices)
@@ -361,9 +361,8 @@ def compile_step(config, mesh_shape: dict[str, int], devices=None) -> Result:
         state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh)),
                  "params": params, "opt_state": opt_state}
         state_shard = {"step": replicated(mesh), "params": p_shard, "opt_state": opt_shard}
-        step_fn = make_train_step(task.loss, graphdef, tx, optim.make_schedule(config.optim),
-                                  seed=config.seed, accum_steps=accum, frozen=frozen,
-                                  bounds=task.param_bounds())
+        step_fn = task_train_step(task, config, graphdef, tx,
+                                  optim.make_schedule(config.optim), frozen)
         b_shard = batch_sharding(mesh, rules)
         example = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct((config.batch_size, *x.shape[1:]), x.dtype,
@@ -624,6 +623,9 @@ def summarize(config, plan: Plan, memory: int) -> str:
                                "DOES NOT FIT as configured; fits with: ")
                 + " ".join(suggestion_flags(config, best))
                 + f"  ({_setting(best)}: peak {_bytes(best.peak_bytes)} of {_bytes(memory)})")
+        if best.grad_accum_steps > 1 and config.trainer == "contrastive":
+            text += ("\n  accumulation: feature-cached (the contrastive loss over the whole "
+                     "global batch, as compiled here)")
     largest = plan.largest
     if largest is not None and largest.micro_batch > (best or first).micro_batch:
         text += (f"\n  headroom: a per-device micro-batch of {largest.micro_batch:,} also fits "

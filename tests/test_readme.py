@@ -38,17 +38,31 @@ def test_default_workdir_comes_from_the_config_file_name():
         "runs", "crate_alpha_in1k_variant-L-8")
 
 
-def test_main_without_workdir_trains_into_runs_config_name(tmp_path):
+def test_main_without_workdir_then_evaluate(tmp_path):
     """The README's form of the command (no --workdir), on the smoke config, from another
-    folder: it writes runs/<config>_smoke there and prints its final metrics."""
-    config = os.path.join(ROOT, "configs", "demo_classification.py")
+    folder: it writes runs/<config>_smoke there and prints its final metrics; then the
+    README's `python -m crate_jax.evaluate` on that run gives the same zero-shot top-1."""
+    config = os.path.join(ROOT, "configs", "demo.py")
     out = subprocess.run(
         [sys.executable, "-m", "crate_jax.main", f"--config={config}:smoke"], cwd=tmp_path,
         capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert re.search(r"^final: .*val/top1", out.stdout, flags=re.M), out.stdout
-    workdir = tmp_path / "runs" / "demo_classification_smoke"
+    final = re.search(r"^final: .*zeroshot/top1 ([0-9.]+)", out.stdout, flags=re.M)
+    assert final, out.stdout
+    workdir = tmp_path / "runs" / "demo_smoke"
     assert (workdir / "config.json").exists() and (workdir / "checkpoints").is_dir()
     # the console holds progress and results, the library INFO lines go to the log file
     assert "INFO" not in out.stdout + out.stderr and "orbax" not in out.stderr.lower()
     assert "CheckpointManager" in (workdir / "logs" / "train_0.log").read_text()
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    command = "python -m crate_jax.evaluate --workdir=runs/demo --evals=zeroshot,retrieval"
+    assert command in readme
+    args = command.split()[3:]
+    args[0] = "--workdir=runs/demo_smoke"
+    ev = subprocess.run([sys.executable, "-m", "crate_jax.evaluate", *args], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=240)
+    assert ev.returncode == 0, ev.stdout + ev.stderr
+    line = re.search(r"^eval: .*zeroshot/top1 ([0-9.]+)", ev.stdout, flags=re.M)
+    assert line and line.group(1) == final.group(1), ev.stdout
+    assert "retrieval/i2t_R@1" in ev.stdout

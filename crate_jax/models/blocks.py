@@ -11,7 +11,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from crate_jax.models.layers import Dense, LayerNorm, normal, param, zeros
+from crate_jax.models.layers import (
+    Dense,
+    LayerNorm,
+    normal,
+    param,
+    torch_default_bias,
+    torch_default_kernel,
+    zeros,
+)
 
 kaiming_uniform = jax.nn.initializers.kaiming_uniform
 
@@ -52,6 +60,9 @@ class MSSA(nnx.Module):
 
     CRATE has the output bias b_out, CRATE-α does not. The layer adds the residual Z + O.
     Returns (O, attention maps (B, K, N, N) or None).
+
+    Initialisation as the references (DESIGN.md §1): CRATE's nn.Linear defaults, U(±1/√d)
+    for U, U_out and b_out; CRATE-α's N(0, 0.02) for U and U_out.
     """
 
     def __init__(self, width: int, heads: int, *, out_bias: bool, eps: float,
@@ -61,14 +72,16 @@ class MSSA(nnx.Module):
         self.dtype = dtype
         self.attention_impl = attention_impl
         self.norm = LayerNorm(width, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        init = jax.nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+        torch_style = out_bias  # CRATE (PyTorch reference) has the bias, CRATE-α (JAX) not
+        init = torch_default_kernel(in_axis=0, out_axis=(1, 2)) if torch_style else normal(0.02)
         self.proj = param(rngs, init, (width, heads, head_dim), ("embed", "heads", "kv"),
                           param_dtype)
-        out_init = jax.nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+        out_init = (torch_default_kernel(in_axis=(0, 1), out_axis=2) if torch_style
+                    else normal(0.02))
         self.out = param(rngs, out_init, (heads, head_dim, width), ("heads", "kv", "embed"),
                          param_dtype)
-        self.out_bias = (param(rngs, zeros, (width,), ("embed",), param_dtype)
-                         if out_bias else None)
+        self.out_bias = (param(rngs, torch_default_bias(width), (width,), ("embed",),
+                               param_dtype) if out_bias else None)
 
     def project(self, z: jax.Array) -> jax.Array:
         """W = LN(Z)·U as (B, N, K, p): the subspace coordinates the coding rate is measured on."""

@@ -30,6 +30,22 @@ lecun_normal = jax.nn.initializers.lecun_normal
 xavier_uniform = jax.nn.initializers.xavier_uniform
 
 
+def torch_default_kernel(in_axis=-2, out_axis=-1) -> Initializer:
+    """PyTorch's nn.Linear weight default, U(±1/√fan_in) (kaiming_uniform with a = √5)."""
+    return jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=in_axis,
+                                                out_axis=out_axis)
+
+
+def torch_default_bias(fan_in: int) -> Initializer:
+    """PyTorch's nn.Linear bias default, U(±1/√fan_in)."""
+    bound = fan_in ** -0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Axes,
           dtype: jnp.dtype) -> nnx.Param:
     """A parameter initialised by `init` that carries the logical axis names `axes`."""
@@ -91,7 +107,10 @@ class LinearPatchStem(nnx.Module):
         patch_dim = patch * patch * channels
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm_in = LayerNorm(patch_dim, eps=eps, axis_name=None, **kw)
-        self.proj = Dense(patch_dim, width, axes=(None, "embed"), **kw)
+        # the reference's nn.Linear, with PyTorch's default initialisation
+        self.proj = Dense(patch_dim, width, axes=(None, "embed"),
+                          kernel_init=torch_default_kernel(),
+                          bias_init=torch_default_bias(patch_dim), **kw)
         self.norm_out = LayerNorm(width, eps=eps, **kw)
 
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -107,10 +126,15 @@ class ConvPatchStem(nnx.Module):
     """
 
     def __init__(self, patch: int, channels: int, width: int, *, use_bias: bool,
-                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs,
+                 kaiming: bool = True):
         self.patch = patch
         self.dtype = dtype
-        fan_in_init = jax.nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
+        # over the fan-in P·P·C: kaiming-uniform (the CRATE-α reference) or lecun-normal
+        # (big_vision's ViT); zero bias
+        scaling = (jax.nn.initializers.kaiming_uniform if kaiming else
+                   jax.nn.initializers.lecun_normal)
+        fan_in_init = scaling(in_axis=(0, 1, 2), out_axis=3)
         self.kernel = param(rngs, fan_in_init, (patch, patch, channels, width),
                             (None, None, None, "embed"), param_dtype)
         self.bias = param(rngs, zeros, (width,), ("embed",), param_dtype) if use_bias else None

@@ -104,6 +104,18 @@ def config_for(name: str, **overrides) -> VisionConfig | TextConfig:
     return cls(**{**fields, **overrides})
 
 
+def preset_fields(name: str) -> dict[str, Any]:
+    """The fields a registry name sets before any override: its size and its family's
+    defaults (e.g. clipa-text-h: width 1024, ..., pool 'last', vocab_size 32000)."""
+    match = _NAME.match(name.strip())
+    if not match:
+        raise ValueError(f"unknown model name {name!r}; known models: {', '.join(available())}")
+    family = match["family"].lower()
+    table = _text_sizes(family) if "text" in family else VISION_SIZES[FAMILIES[family]]
+    dims = _size(table, match["size"], name)
+    return dict(width=dims[0], depth=dims[1], heads=dims[2], **FAMILY_DEFAULTS.get(family, {}))
+
+
 def build(cfg: VisionConfig | TextConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     """The module for a configuration."""
     if isinstance(cfg, TextConfig):

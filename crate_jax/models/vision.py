@@ -28,6 +28,8 @@ from crate_jax.models.layers import (
     PositionEmbedding,
     normal,
     param,
+    torch_default_bias,
+    torch_default_kernel,
     zeros,
 )
 
@@ -46,7 +48,8 @@ class VisionTransformer(nnx.Module):
             cls_std, pos_std = 1.0, 1.0  # the reference draws both from torch.randn
         else:
             self.stem = ConvPatchStem(cfg.patch_size, cfg.channels, d, use_bias=cfg.stem_bias,
-                                      dtype=dt, param_dtype=pdt, rngs=rngs)
+                                      dtype=dt, param_dtype=pdt, rngs=rngs,
+                                      kaiming=cfg.block == "crate_alpha")
             cls_std, pos_std = 1e-6, 0.02
         self.cls = param(rngs, normal(cls_std), (1, 1, d), (None, None, "embed"), pdt)
         self.posemb = PositionEmbedding(cfg.grid, d, kind=cfg.posemb, init_std=pos_std,
@@ -54,9 +57,12 @@ class VisionTransformer(nnx.Module):
         self.encoder = Encoder(cfg, rngs=rngs)
         self.norm = LayerNorm(d, eps=cfg.final_eps, dtype=jnp.float32, param_dtype=pdt,
                               rngs=rngs)
+        # CRATE: the reference's nn.Linear defaults; CRATE-α and ViT: N(0, 0.02), zero bias
+        crate = cfg.block == "crate"
         self.head = (Dense(d, cfg.num_classes, axes=("embed", "classes"),
-                           kernel_init=normal(0.02), bias_init=zeros, dtype=jnp.float32,
-                           param_dtype=pdt, rngs=rngs)
+                           kernel_init=torch_default_kernel() if crate else normal(0.02),
+                           bias_init=torch_default_bias(d) if crate else zeros,
+                           dtype=jnp.float32, param_dtype=pdt, rngs=rngs)
                      if cfg.num_classes else None)
 
     def embed(self, images: jax.Array, patch_keep: jax.Array | None = None) -> jax.Array:

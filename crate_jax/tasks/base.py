@@ -42,6 +42,20 @@ class Task(abc.ABC):
              rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Scalar loss (mean over the batch) and scalar metrics, traced inside the train step."""
 
+    # A loss that couples the examples of a batch (contrastive) sets batch_coupled and splits
+    # its loss into features and features_loss, for feature-cached gradient accumulation.
+    batch_coupled: bool = False
+
+    def features(self, model: nnx.Module, batch: dict, rng: jax.Array) -> Any:
+        """Per-example features (a pytree of (B, ...) arrays) the batch loss is computed on."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-example features")
+
+    def features_loss(self, model: nnx.Module, features: Any,
+                      rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The loss over a whole batch of `features` (with the model's own parameters, e.g. a
+        temperature): loss(model, batch) = features_loss(model, features(model, batch))."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-example features")
+
     def evaluators(self) -> list[Evaluator]:
         return []
 

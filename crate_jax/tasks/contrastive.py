@@ -9,6 +9,7 @@ no update; a tower can start from another run's checkpoint (config.init_towers).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from crate_jax import models
 from crate_jax.data import image_text
 from crate_jax.evals import clip as clip_evals
 from crate_jax.models.clip import CLIP, ClipConfig
@@ -29,17 +31,36 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def tokenizer_fields(text: str, overrides: dict) -> set[str]:
+    """The text-tower fields that depend on the tokenizer, for this tower: vocab_size (unless
+    its family fixes the table, as clipa-text's 32,000 rows), eot_id when it pools on the
+    end-of-text token, pad_id when padding is masked or skipped by the pooling."""
+    from crate_jax.models.config import TextConfig
+    from crate_jax.models.registry import preset_fields
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TextConfig)
+                if f.default is not dataclasses.MISSING}
+    preset = preset_fields(text)
+    fields = {**defaults, **preset, **overrides}
+    need = set() if "vocab_size" in preset else {"vocab_size"}
+    if fields["pool"] == "eot":
+        need.add("eot_id")
+    if fields["pool"] in ("eot", "last_token", "mean") or (
+            not fields["causal"] and fields["mask_padding"]):
+        need.add("pad_id")
+    return need
+
+
 class ContrastiveTask(Task):
     def model_config(self) -> ClipConfig:
         m, data = self.config.model, self.config.data
         image_overrides = {"image_size": data.image_size, **dict(m.get("image_overrides", {}))}
         text_overrides = {"context_length": data.context_length,
                           **dict(m.get("text_overrides", {}))}
-        if not {"vocab_size", "eot_id", "pad_id"} <= set(text_overrides):
+        missing = tokenizer_fields(m.text, text_overrides) - set(text_overrides)
+        if missing:  # from the tokenizer, never from constants
             tokenizer = image_text.tokenizer_for(data)
-            text_overrides.setdefault("vocab_size", tokenizer.vocab_size)
-            text_overrides.setdefault("eot_id", tokenizer.eot_id)
-            text_overrides.setdefault("pad_id", tokenizer.pad_id)
+            text_overrides |= {k: getattr(tokenizer, k) for k in sorted(missing)}
         # SigLIP: scale 10, bias −10, no bound; CLIP: scale 1/0.07, kept in [1, 100]
         sigmoid = self.config.loss == "sigmoid"
         return ClipConfig(image=m.image, image_overrides=image_overrides, text=m.text,
@@ -56,7 +77,6 @@ class ContrastiveTask(Task):
         return CLIP(self.model_config(), rngs=rngs)
 
     def num_layers(self) -> int:
-        from crate_jax import models
         cfg = self.model_config()
         return models.config_for(cfg.image, **cfg.image_overrides).depth
 
@@ -66,30 +86,45 @@ class ContrastiveTask(Task):
 
     def train_data(self, batch_size: int, seed: int):
         tokenizer = image_text.tokenizer_for(self.config.data)
-        text = self.model_config().text_overrides
-        mismatch = {k: (getattr(tokenizer, k), text[k]) for k in ("eot_id", "pad_id")
-                    if getattr(tokenizer, k) != text[k]}
-        if tokenizer.vocab_size > text["vocab_size"] or mismatch:
+        cfg = self.model_config()
+        text = models.config_for(cfg.text, **cfg.text_overrides)
+        used = tokenizer_fields(cfg.text, cfg.text_overrides) - {"vocab_size"}
+        mismatch = {k: (getattr(tokenizer, k), getattr(text, k)) for k in sorted(used)
+                    if getattr(tokenizer, k) != getattr(text, k)}
+        if tokenizer.vocab_size > text.vocab_size or mismatch:
             raise ValueError(
-                f"data.tokenizer has vocab_size {tokenizer.vocab_size}, eot/pad ids "
-                f"{tokenizer.eot_id}/{tokenizer.pad_id}, which the text tower "
-                f"(model.text_overrides: vocab_size {text['vocab_size']}, eot_id "
-                f"{text['eot_id']}, pad_id {text['pad_id']}) does not match")
+                f"data.tokenizer has vocab_size {tokenizer.vocab_size}"
+                + "".join(f", {k} {v[0]}" for k, v in mismatch.items())
+                + f", which the text tower {cfg.text} (vocab_size {text.vocab_size}"
+                + "".join(f", {k} {v[1]}" for k, v in mismatch.items())
+                + ") does not match; set model.text_overrides")
         return image_text.train_iterator(self.config.data, batch_size=batch_size, seed=seed)
 
-    def loss(self, model, batch, rng):
+    batch_coupled = True  # every image's loss has the whole batch's texts as negatives
+
+    def features(self, model, batch, rng):
+        """Both towers' normalised embeddings (with CLIPA patch dropping) of a batch."""
         reduction = self.config.get("image_reduction", {})
         images = self.preprocess(batch)
         grid = self.config.data.image_size // model.image.cfg.patch_size
         keep = token_reduction.patch_keep_indices(
             jax.random.fold_in(rng, 1), images.shape[0], grid, reduction.get("keep", 1.0),
             reduction.get("strategy", "none"))
-        image_emb, text_emb, scale, bias = model(images, batch["tokens"], patch_keep=keep)
+        return {"image": model.encode_image(images, keep),
+                "text": model.encode_text(batch["tokens"])}
+
+    def features_loss(self, model, features, rng):
+        del rng
+        scale, bias = model.scale(), model.logit_bias[...]
+        image_emb, text_emb = features["image"], features["text"]
         loss = contrastive_loss(image_emb, text_emb, scale, bias,
                                 kind=self.config.get("loss", "infonce"))
         sim = image_emb @ text_emb.T
         accuracy = jnp.mean(jnp.argmax(sim, axis=1) == jnp.arange(sim.shape[0]))
         return loss, {"temperature_scale": scale, "batch_i2t_accuracy": accuracy}
+
+    def loss(self, model, batch, rng):
+        return self.features_loss(model, self.features(model, batch, rng), rng)
 
     def evaluators(self):
         specs = self.config.get("evals") or {}

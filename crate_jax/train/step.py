@@ -42,13 +42,53 @@ def split_microbatches(batch: dict, accum_steps: int) -> dict:
 
 
 def split_frozen(params: dict, frozen: tuple[str, ...]) -> tuple[dict, dict]:
-    """(trainable, frozen) top-level parts of the parameter dict."""
-    unknown = sorted(set(frozen) - set(params))
+    """(trainable, frozen) parts of the parameter dict. Each entry of `frozen` is a '/'-path:
+    a top-level group ('text'), one parameter ('logit_scale') or any sub-tree
+    ('image/encoder/layers/0'). Both parts keep the nesting of `params`."""
+    paths = _leaf_paths(params)
+    unknown = sorted(f for f in frozen if not any(p == f or p.startswith(f + "/")
+                                                  for p in paths))
     if unknown:
-        raise ValueError(f"freeze: {unknown} are not top-level parameter groups; the groups are "
-                         f"{sorted(params)}")
-    return ({k: v for k, v in params.items() if k not in frozen},
-            {k: v for k, v in params.items() if k in frozen})
+        raise ValueError(f"freeze: {unknown} name no parameters; a path is a top-level group "
+                         f"({sorted(params)}) or any '/'-path below one, e.g. "
+                         f"{paths[0] if paths else 'text/encoder'!r}")
+    wanted = set(frozen)
+
+    def part(tree: dict, prefix: str) -> tuple[dict, dict]:
+        trainable, fixed = {}, {}
+        for key, value in tree.items():
+            path = f"{prefix}{key}"
+            if path in wanted:
+                fixed[key] = value
+            elif isinstance(value, dict) and any(f.startswith(path + "/") for f in wanted):
+                t, f = part(value, path + "/")
+                if t:
+                    trainable[key] = t
+                if f:
+                    fixed[key] = f
+            else:
+                trainable[key] = value
+        return trainable, fixed
+
+    return part(params, "")
+
+
+def merge_params(a: dict, b: dict) -> dict:
+    """The union of two disjoint parts of a parameter dict (the inverse of split_frozen)."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = merge_params(out[key], value) if key in out else value
+    return out
+
+
+def _leaf_paths(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += _leaf_paths(value, f"{prefix}{key}/")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -68,18 +108,66 @@ def clamp_params(params: dict, bounds: dict[str, tuple[float, float]]) -> dict:
     return {k: jnp.clip(v, *bounds[k]) if k in bounds else v for k, v in params.items()}
 
 
+def join_microbatches(stacked: Any) -> Any:
+    """(accum, B/accum, ...) → (B, ...) in the batch's own row order (the inverse of
+    split_microbatches; each device's block stays where it is)."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), stacked)
+
+
+def feature_cached_grads(features: Callable, features_loss: Callable, params: dict,
+                         batch: dict, rng: jax.Array, accum_steps: int):
+    """((loss, aux), grads) of a loss that couples the examples of a batch (contrastive), over
+    `accum_steps` micro-batches, equal to the whole batch's (open_clip's `accum_freq`, with
+    the direct gradient of the loss's own parameters counted once):
+
+      1. F_i = features(θ, micro-batch i) for every i, without gradients;
+      2. L = features_loss(θ, [F_1 … F_k]) over the whole batch: ∂L/∂F_i, and ∂L/∂θ directly
+         (the temperature and bias);
+      3. ∇θ = ∂L/∂θ + Σ_i (∂F_i/∂θ)ᵀ·∂L/∂F_i, one micro-batch's backward pass at a time
+         against the cached features of the others (its forward pass is run again).
+
+    features(params, micro_batch, rng) and features_loss(params, features, rng); micro-batch
+    i draws its randomness from fold_in(rng, i) in both passes, so both see the same features.
+    Memory: one micro-batch's activations plus the features of the whole batch."""
+    micro_batches = split_microbatches(batch, accum_steps)
+    rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(accum_steps))
+    cached = jax.lax.stop_gradient(jax.lax.map(
+        lambda xs: features(params, xs[1], xs[0]), (rngs, micro_batches)))
+
+    def whole_batch_loss(params, stacked):
+        return features_loss(params, join_microbatches(stacked), rng)
+
+    (loss_value, aux), (direct, d_features) = jax.value_and_grad(
+        whole_batch_loss, argnums=(0, 1), has_aux=True)(params, cached)
+
+    def backward(grads, xs):
+        micro_rng, micro_batch, cotangent = xs
+        _, vjp = jax.vjp(lambda p: features(p, micro_batch, micro_rng), params)
+        return jax.tree.map(jnp.add, grads, vjp(cotangent)[0]), None
+
+    grads, _ = jax.lax.scan(backward, direct, (rngs, micro_batches, d_features))
+    return (loss_value, aux), grads
+
+
 def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, seed: int, accum_steps: int = 1,
                     frozen: tuple[str, ...] = (),
-                    bounds: dict[str, tuple[float, float]] | None = None):
+                    bounds: dict[str, tuple[float, float]] | None = None,
+                    features: tuple[Callable, Callable] | None = None):
     """train_step(state, rest, batch) -> (state, metrics), to be jitted by the caller.
 
     `frozen` top-level parameter groups (e.g. a pretrained text tower) get no gradient, no
     update and no optimizer state; `tx` works on the trainable part only. Trainable
-    parameters named in `bounds` (Task.param_bounds) are clipped after every update."""
+    parameters named in `bounds` (Task.param_bounds) are clipped after every update.
+
+    With `features` = (Task.features, Task.features_loss), a batch-coupled loss, micro-batches
+    accumulate by feature caching (feature_cached_grads): the update of the whole batch.
+    Without, each micro-batch's loss is its own mean and the gradients are averaged: the same
+    update only for a loss that is a mean over independent examples."""
 
     def loss_of_params(trainable, fixed, rest, batch, rng):
-        model = merge_model(graphdef, {**trainable, **fixed}, rest, train=True, rng=rng)
+        model = merge_model(graphdef, merge_params(trainable, fixed), rest, train=True,
+                            rng=rng)
         return loss(model, batch, rng)
 
     value_and_grad = jax.value_and_grad(loss_of_params, has_aux=True)
@@ -93,6 +181,17 @@ def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTran
 
         if accum_steps == 1:
             (loss_value, aux), grads = grad_fn(trainable, rest, batch, rng)
+        elif features is not None:
+            features_fn, features_loss_fn = features
+
+            def model_of(trainable, rng):
+                return merge_model(graphdef, merge_params(trainable, fixed), rest, train=True,
+                                   rng=rng)
+
+            (loss_value, aux), grads = feature_cached_grads(
+                lambda p, b, r: features_fn(model_of(p, r), b, r),
+                lambda p, f, r: features_loss_fn(model_of(p, r), f, r),
+                trainable, batch, rng, accum_steps)
         else:
             micro_batches = split_microbatches(batch, accum_steps)
 
@@ -110,8 +209,8 @@ def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTran
             # every micro-batch loss is a mean over the same number of rows
             loss_value, aux, grads = jax.tree.map(lambda x: x / accum_steps, sums)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-        params = {**clamp_params(optax.apply_updates(trainable, updates), bounds or {}),
-                  **fixed}
+        params = merge_params(clamp_params(optax.apply_updates(trainable, updates),
+                                           bounds or {}), fixed)
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         metrics = {"train/loss": loss_value, "train/grad_norm": optax.tree.norm(grads),
                    "train/state_finite": all_finite((params, opt_state)),
@@ -120,3 +219,34 @@ def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTran
         return new_state, metrics
 
     return train_step
+
+
+def task_train_step(task: Any, config: Any, graphdef: nnx.GraphDef,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    frozen: tuple[str, ...]):
+    """The train step of `task` as `config` sets it (the loop and the planner share it).
+
+    config.grad_accum_steps > 1 on a task whose loss couples the examples of a batch
+    (Task.batch_coupled: contrastive) accumulates by feature caching, which keeps the global
+    batch; config.grad_accum_mode='plain' is refused there (each micro-batch would see only
+    B/k negatives: another objective)."""
+    accum = config.get("grad_accum_steps", 1)
+    mode = config.get("grad_accum_mode", "auto")
+    if mode not in ("auto", "plain", "features"):
+        raise ValueError(f"grad_accum_mode={mode!r}: 'auto', 'plain' or 'features'")
+    coupled = getattr(task, "batch_coupled", False)
+    if accum > 1 and coupled and mode == "plain":
+        raise ValueError(
+            f"grad_accum_mode='plain' with grad_accum_steps={accum}: the {config.trainer} "
+            "loss couples the examples of a batch, so plain accumulation would train on "
+            f"micro-batches of {config.batch_size // accum} negatives instead of "
+            f"{config.batch_size}; use grad_accum_mode='auto' (feature-cached accumulation, "
+            "the same update as the whole batch)")
+    if accum > 1 and mode == "features" and not coupled:
+        raise ValueError(f"grad_accum_mode='features': the {config.trainer} loss is a mean "
+                         "over independent examples; plain accumulation ('auto') is exact")
+    use_features = accum > 1 and coupled
+    return make_train_step(task.loss, graphdef, tx, schedule, seed=config.seed,
+                           accum_steps=accum, frozen=frozen, bounds=task.param_bounds(),
+                           features=(task.features, task.features_loss) if use_features
+                           else None)
