@@ -132,7 +132,7 @@ def test_missing_unexpected_and_misshapen_tensors_are_named():
     for part in ("missing keys (1): visual.ln_post.bias", "visual.extra_head",
                  "ln_final.weight: (7,), expected (128,)"):
         assert part in message, message
-    with pytest.raises(ConversionError, match="not a standard crate-alpha width.*heads"):
+    with pytest.raises(ConversionError, match=r"not a standard crate-alpha width.*heads"):
         import_weights(_state(), "crate-alpha-clipa-torch")
 
 

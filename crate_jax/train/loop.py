@@ -23,11 +23,11 @@ import time
 from typing import Any
 
 import jax
-from absl import logging
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from etils import epath
 from flax import nnx
 
