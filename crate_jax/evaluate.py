@@ -100,9 +100,10 @@ def evaluate(workdir: str, *, kinds: list[str], data: str = "auto",
     from flax import nnx
 
     from crate_jax import parallel, tasks
-    from crate_jax.inference import read_run_config
+    from crate_jax.inference import absolute, read_run_config
     from crate_jax.train.finetune import _checkpointer
 
+    workdir = absolute(workdir)
     config = read_run_config(workdir, tokenizer)
     if config.trainer == "contrastive":
         config.evals = eval_specs(config, kinds, data, num_examples)

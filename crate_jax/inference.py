@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,12 @@ from crate_jax.train.checkpoint import Checkpointer
 __all__ = ["Loaded", "load", "read_run_config"]
 
 DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (orbax needs absolute paths); gs:// and the like as given."""
+    path = str(path)
+    return path if "://" in path else os.path.abspath(path)
 
 
 def read_run_config(run_dir: str, tokenizer: str | None = None) -> ml_collections.ConfigDict:
@@ -131,12 +138,13 @@ class Loaded:
 
 def load(run_dir: str, *, step: int | None = None, tokenizer: str | None = None) -> Loaded:
     """The run's model (the latest checkpoint, or `step`) with its preprocessing."""
-    config = read_run_config(str(run_dir), tokenizer)
+    run_dir = absolute(run_dir)
+    config = read_run_config(run_dir, tokenizer)
     task = tasks.get(config.trainer)(config)
     graphdef, abstract, rest = nnx.split(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))),
                                          nnx.Param, ...)
     rest = jax.jit(lambda: nnx.split(task.build_model(nnx.Rngs(0)), nnx.Param, ...)[2])()
-    params = _restore(str(run_dir), step, nnx.to_pure_dict(abstract))
+    params = _restore(run_dir, step, nnx.to_pure_dict(abstract))
     nnx.replace_by_pure_dict(abstract, params)
     model = nnx.merge(graphdef, abstract, rest)
     model.eval()

@@ -87,3 +87,24 @@ def test_plain_accumulation_is_another_objective_and_is_refused(whole_batch):
     with pytest.raises(ValueError, match=r"grad_accum_mode='plain'.*8 negatives instead of 32"):
         task_train_step(task, config, graphdef, optax.sgd(1.0), optax.constant_schedule(1.0),
                         ())
+
+
+def test_a_frozen_sub_tree_is_not_updated_and_has_no_optimizer_state():
+    from crate_jax.train.step import split_frozen
+
+    config, task, graphdef, params, rest = _setup(1)
+    frozen = ("image/encoder/layers/0", "logit_scale")
+    trainable, _ = split_frozen(params, frozen)
+    tx = optax.adam(0.1)
+    step = task_train_step(task, config, graphdef, tx, optax.constant_schedule(0.1), frozen)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": tx.init(trainable)}
+    new, _ = jax.jit(step)(state, rest, _batch(task))
+    before, after = params["image"]["encoder"]["layers"], new["params"]["image"]["encoder"]
+    for a, b in zip(jax.tree.leaves(before[0]), jax.tree.leaves(after["layers"][0]),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(before[1]["attn"]["proj"], after["layers"][1]["attn"]["proj"])
+    assert float(new["params"]["logit_scale"]) == float(params["logit_scale"])
+    moments = new["opt_state"][0].mu
+    assert 0 not in moments["image"]["encoder"]["layers"] and "logit_scale" not in moments

@@ -3,6 +3,7 @@
 import glob
 import importlib.util
 import os
+import re
 
 import pytest
 from flax import nnx
@@ -38,11 +39,30 @@ def test_full_config_is_consistent(path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_smoke(path, tmp_path):
+def test_smoke(path, tmp_path, capsys):
     config = load(path).get_config("smoke")
     config.checkpoint.async_save = False
     final = train_and_evaluate(config, str(tmp_path))
     assert final["step"] == config.total_steps
+    if os.path.basename(path) == "clipa_l14.py":
+        _check_the_clipa_path(config, capsys.readouterr().out)
+
+
+def _check_the_clipa_path(config, out: str):
+    """clipa_l14:smoke runs the published CLIPA path at toy size: a BERT vocab.txt, the
+    bidirectional last-position text tower, text tower and temperature frozen."""
+    from crate_jax.data import image_text
+    from crate_jax.data.wordpiece import WordPieceTokenizer
+
+    assert isinstance(image_text.tokenizer_for(config.data), WordPieceTokenizer)
+    task = tasks.get(config.trainer)(config)
+    text = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))).text.cfg
+    assert (text.causal, text.mask_padding, text.pool, text.mlp_activation) == (
+        False, False, "last", "gelu_tanh")
+    line = next(x for x in out.splitlines() if x.startswith("trainable parameters by group"))
+    for group in ("text", "text_proj", "logit_scale"):
+        assert re.search(rf"· {group} 0 of [0-9,]+ \(frozen\)", line), line
+    assert re.search(r"image [1-9][0-9,]* of [0-9,]+ ·", line), line
 
 
 def test_unknown_config_argument_is_named():

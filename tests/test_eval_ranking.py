@@ -108,3 +108,18 @@ def test_probes_never_score_a_nan_model():
     assert clip_evals.knn_accuracy(x[:40], y[:40], x[40:], y[40:], num_classes=4) == 0
     assert clip_evals.linear_probe_accuracy(x[:40], y[:40], x[40:], y[40:],
                                             num_classes=4, steps=5) == 0
+
+
+def test_near_ties_from_rounding_count_as_ties():
+    """Two equal captions embed to the same vector only up to rounding, which differs with the
+    process count: a negative within TIE_TOLERANCE of the positive counts against, whichever
+    side of it the rounding put it."""
+    from crate_jax.evals.clip import TIE_TOLERANCE, label_rank, retrieval_recall
+
+    for delta in (-0.3 * TIE_TOLERANCE, 0.0, 0.3 * TIE_TOLERANCE):
+        scores = np.array([[0.5, 0.5 + delta, 0.1]], np.float32)
+        assert label_rank(scores, np.array([0]))[0] == 1
+        sim = np.array([[0.5, 0.5 + delta], [0.1, 0.9]], np.float32)
+        assert retrieval_recall(sim, np.array([0, 1]), ks=(1,))["i2t_R@1"] == 0.5
+    clear = np.array([[0.5, 0.5 - 10 * TIE_TOLERANCE, 0.1]], np.float32)
+    assert label_rank(clear, np.array([0]))[0] == 0

@@ -303,6 +303,74 @@ def test_bidirectional_text_masks_padding():
         model(jnp.zeros((2, 17), jnp.int32))
 
 
+def test_pool_positions_first_last_and_last_token():
+    tokens = jnp.asarray(_tokens())
+    last = _text(pool="last", causal=False)
+    np.testing.assert_array_equal(last.pool_index(tokens), [11, 11])
+    np.testing.assert_array_equal(_text(pool="first").pool_index(tokens), [0, 0])
+    np.testing.assert_array_equal(_text(pool="last_token").pool_index(tokens), [5, 3])
+    features, inter = last(tokens, collect=True)
+    final = np.asarray(last.norm(inter["tokens_out"][-1]))
+    np.testing.assert_allclose(features, final[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def _numpy_clipa_text(params: dict, tokens: np.ndarray) -> np.ndarray:
+    """CLIPA's text tower in NumPy: pre-norm ViT blocks, no attention mask, GELU (tanh),
+    final LayerNorm, the last position."""
+    def ln(x, p, eps=1e-6):
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+    def gelu_tanh(x):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+    x = params["token_embedding"][tokens] + params["pos_embedding"][0, :tokens.shape[1]]
+    for i in sorted(params["encoder"]["layers"]):
+        layer = params["encoder"]["layers"][i]
+        a = layer["attn"]
+        y = ln(x, a["norm"])
+        q, k, v = (np.einsum("bnd,dhk->bhnk", y, a[n]) + a[n + "_bias"][None, :, None]
+                   for n in ("query", "key", "value"))
+        logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        o = (w / w.sum(-1, keepdims=True)) @ v
+        x = x + np.einsum("bhnk,hkd->bnd", o, a["out"]) + a["out_bias"]
+        m = layer["sparse"]
+        h = gelu_tanh(ln(x, m["norm"]) @ m["fc1"]["kernel"] + m["fc1"]["bias"])
+        x = x + h @ m["fc2"]["kernel"] + m["fc2"]["bias"]
+    return ln(x, params["norm"])[:, -1]
+
+
+def test_clipa_text_tower_against_numpy():
+    """clipa-text: bidirectional, nothing masked (padding changes the feature, unlike a masked
+    tower), pooled at the last position, GELU-tanh MLP."""
+    model = models.create("clipa-text-b", width=32, depth=2, heads=4, vocab_size=50)
+    cfg = model.cfg
+    assert (cfg.causal, cfg.mask_padding, cfg.pool, cfg.mlp_activation, cfg.context_length,
+            cfg.heads) == (False, False, "last", "gelu_tanh", 32, 4)
+    randomize(model, 4, std=0.1)
+    model.eval()
+    tokens = np.zeros((2, 32), np.int32)
+    tokens[0, :6] = [3, 7, 8, 9, 10, 12]
+    tokens[1, :3] = [5, 6, 11]
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    want = _numpy_clipa_text(params, tokens)
+    np.testing.assert_allclose(model(jnp.asarray(tokens)), want, rtol=1e-4, atol=1e-5)
+    shorter = model(jnp.asarray(tokens[:, :16]))  # less padding: another last position
+    assert not np.allclose(shorter, want, atol=1e-3)
+
+
+@pytest.mark.parametrize("size,width,depth,heads", [("b", 512, 12, 8), ("l", 768, 12, 12),
+                                                    ("h", 1024, 24, 16)])
+def test_clipa_text_sizes_and_parameter_count(size, width, depth, heads):
+    """The CLIPA text family: per layer 12w² + 13w (attention 4w² + 4w, MLP 8w² + 5w, two
+    LayerNorms 4w), plus the 32,000-row table, 32 positions and the final LayerNorm."""
+    model = nnx.eval_shape(lambda: models.create(f"clipa-text-{size}"))
+    assert (model.cfg.width, model.cfg.depth, model.cfg.heads) == (width, depth, heads)
+    want = depth * (12 * width ** 2 + 13 * width) + 32_000 * width + 32 * width + 2 * width
+    assert models.count_params(model) == want
+
+
 # --- configuration errors ----------------------------------------------------------------
 
 @pytest.mark.parametrize("name,overrides,field", [
@@ -316,6 +384,9 @@ def test_bidirectional_text_masks_padding():
     ("crate-alpha-b/16", dict(depth_multiplier=2), "depth_multiplier"),
     ("text-b", dict(pool="eot"), "eot_id"),
     ("crate-alpha-text-b", dict(eot_id=5, vocab_size=4), "eot_id"),
+    ("text-b", dict(pool="cls"), "pool"),
+    ("clipa-text-h", dict(mlp_activation="relu"), "mlp_activation"),
+    ("crate-alpha-text-b", dict(mlp_activation="gelu_tanh", eot_id=1), "mlp_activation"),
 ])
 def test_bad_configuration_names_the_field(name, overrides, field):
     with pytest.raises(ValueError, match=field):
@@ -323,7 +394,7 @@ def test_bad_configuration_names_the_field(name, overrides, field):
 
 
 @pytest.mark.parametrize("name", ["crate-z/16", "resnet-50", "crate-alpha-b", "text-b/16",
-                                  "crate-alpha-t/16"])
+                                  "crate-alpha-t/16", "clipa-text-ti"])
 def test_unknown_model_name(name):
     with pytest.raises(ValueError, match="unknown model name"):
         models.create(name)

@@ -392,3 +392,25 @@ def test_rules_accept_an_nnx_state():
     state, params = nnx.state(model, nnx.Param), _params("vit-ti/8")
     assert nnx.to_pure_dict(optim.decay_mask(state)) == optim.decay_mask(params)
     assert nnx.to_pure_dict(optim.layer_ids(state, 2)) == optim.layer_ids(params, 2)
+
+
+def test_freeze_takes_paths_and_merges_back():
+    from crate_jax.train.step import merge_params, split_frozen
+
+    tree = _clip_tree()
+    frozen = ("text", "logit_scale", "image/encoder/layers/0", "image/norm/scale")
+    trainable, fixed = split_frozen(tree, frozen)
+    assert set(fixed) == {"text", "logit_scale", "image"} and "text" not in trainable
+    assert list(fixed["image"]["encoder"]["layers"]) == [0]
+    assert 0 not in trainable["image"]["encoder"]["layers"]
+    assert 1 in trainable["image"]["encoder"]["layers"]
+    assert set(fixed["image"]["norm"]) == {"scale"} and set(trainable["image"]["norm"]) == {
+        "bias"}
+    merged = merge_params(trainable, fixed)
+    paths = lambda t: [jax.tree_util.keystr(p) for p, _ in
+                       jax.tree_util.tree_flatten_with_path(t)[0]]
+    assert paths(merged) == paths(tree)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(tree), strict=True):
+        assert a is b
+    with pytest.raises(ValueError, match=r"freeze: \['image/encoder/layers/9'\] name no "):
+        split_frozen(tree, ("image/encoder/layers/9",))

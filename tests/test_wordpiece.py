@@ -152,3 +152,21 @@ def test_contrastive_demo_trains_on_a_wordpiece_vocab(tmp_path):
     final = train_and_evaluate(config, str(tmp_path / "run"))
     assert final["step"] == config.total_steps
     assert any(k.startswith("zeroshot/") for k in final), sorted(final)
+
+
+def test_the_shipped_vocab_covers_the_synthetic_captions():
+    """crate_jax/data/assets/shapes_captions_bert.txt (the smoke configs' BERT vocab.txt,
+    'builtin:shapes_captions_bert') is in BERT-base's layout, and none of the synthetic
+    captions' words, class names or prompt templates becomes [UNK]."""
+    from crate_jax.data.image_text import tokenizer_for
+    from crate_jax.data.synthetic import ShapesCaptions
+    from crate_jax.evals.clip import read_templates
+
+    data = ShapesCaptions("train", num_examples=3000, holdout_pairs=0, seed=0)
+    texts = [data._layout(i).caption for i in range(3000)] + list(data.class_names)
+    texts += [t.format(c) for t in read_templates() for c in data.class_names]
+    tok = tokenizer_for({"tokenizer": "builtin:shapes_captions_bert"})
+    assert isinstance(tok, WordPieceTokenizer)
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.sep_id) == (0, 100, 101, 102)
+    rows = T.tokenize(tok, texts, CONTEXT)
+    assert not (rows == tok.unk_id).any()

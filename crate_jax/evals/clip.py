@@ -98,13 +98,20 @@ class Embedder:
         return embeddings, {k: np.concatenate(v)[order] for k, v in parts.items()}
 
 
+# Cosine similarities closer than this count as a tie. Two equal captions (or prompts) embed
+# to the same vector only up to the rounding of the reduction order, which differs between
+# meshes and process counts; without a tolerance such a tie would resolve one way on one
+# process count and the other way on another.
+TIE_TOLERANCE = 1e-5
+
+
 def label_rank(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """0-based rank of each row's label among its scores, counting against the label every
-    other class that ties it or is NaN; a NaN label score ranks past the last class. So ties
-    and NaN never count as correct."""
+    """0-based rank of each row's label among its scores (cosine similarities), counting
+    against the label every other class that ties it (within TIE_TOLERANCE) or is NaN; a NaN
+    label score ranks past the last class. So ties and NaN never count as correct."""
     label_score = np.take_along_axis(scores, labels[:, None], axis=1)
     with np.errstate(invalid="ignore"):
-        rank = np.sum(~(scores < label_score), axis=1) - 1  # -1: the label itself
+        rank = np.sum(~(scores < label_score - TIE_TOLERANCE), axis=1) - 1  # -1: the label
     return np.where(np.isnan(label_score[:, 0]), scores.shape[1], rank)
 
 
@@ -168,11 +175,11 @@ class ZeroShotEvaluator(Evaluator):
 
 def _positive_rank(sim: np.ndarray, positive: np.ndarray) -> np.ndarray:
     """Per row, the position of the best-scoring positive column, counting against it every
-    negative column that ties it or is NaN; rows whose positives are all NaN rank past the
-    end."""
+    negative column that ties it (within TIE_TOLERANCE) or is NaN; rows whose positives are
+    all NaN rank past the end."""
     with np.errstate(invalid="ignore"):
         best = np.max(np.where(positive & ~np.isnan(sim), sim, -np.inf), axis=1, initial=-np.inf)
-        rank = np.sum(~positive & ~(sim < best[:, None]), axis=1)
+        rank = np.sum(~positive & ~(sim < best[:, None] - TIE_TOLERANCE), axis=1)
     usable = np.any(positive & ~np.isnan(sim), axis=1)
     return np.where(usable, rank, sim.shape[1])
 

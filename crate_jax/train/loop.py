@@ -46,7 +46,7 @@ from crate_jax.train import logfile, optim, signals
 from crate_jax.train.checkpoint import Checkpointer
 from crate_jax.train.finetune import finetune_params, load_towers
 from crate_jax.train.metrics import MetricWriter, Throughput, progress_line
-from crate_jax.train.step import split_frozen, task_train_step
+from crate_jax.train.step import group_counts, split_frozen, task_train_step
 
 # Settings that may change when a run resumes; any other difference is an error. Raising
 # total_steps extends a run: the learning-rate schedule stays the one optim.total_steps
@@ -336,19 +336,6 @@ def _header(run: _Run, params: dict, start: int, compile_s: float, flops: float)
           f"{start}→{config.total_steps}, compiled in {compile_s:.1f}s{gflops}", flush=True)
     if run.frozen:
         print("trainable parameters by group: " + group_counts(params, run.frozen), flush=True)
-
-
-def group_counts(params: dict, frozen: tuple[str, ...]) -> str:
-    """'image 40,352 of 40,352 · text 0 of 12,000 (frozen) · ...', counted on the trainable
-    part of the parameters the train step actually updates."""
-    trainable, fixed = split_frozen(params, frozen)
-
-    def count(tree: Any) -> int:
-        return sum(int(x.size) for x in jax.tree.leaves(tree))
-
-    return " · ".join(
-        f"{group} {count(trainable.get(group, {})):,} of {count(params[group]):,}"
-        + (" (frozen)" if group in fixed else "") for group in params)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

@@ -91,6 +91,19 @@ def _leaf_paths(tree: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def group_counts(params: dict, frozen: tuple[str, ...]) -> str:
+    """'image 40,352 of 40,352 · text 0 of 12,000 (frozen) · ...', counted on the trainable
+    part of the parameters the train step actually updates."""
+    trainable, fixed = split_frozen(params, frozen)
+
+    def count(tree: Any) -> int:
+        return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+    return " · ".join(
+        f"{group} {count(trainable.get(group, {})):,} of {count(params[group]):,}"
+        + (" (frozen)" if group in fixed else "") for group in params)
+
+
 def all_finite(tree: Any) -> jax.Array:
     """True when no floating-point leaf of `tree` holds a NaN or an infinity: checked on the
     new state inside the step, so that a non-finite state is never saved (one read of it)."""
