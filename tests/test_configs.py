@@ -38,7 +38,13 @@ def test_full_config_is_consistent(path):
     assert models.count_params(abstract) > 0
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+# The demos' smoke runs are the commands other tests run as a user types them: demo.py:smoke
+# (test_readme.py, test_multiprocess_tasks.py, test_gcs.py), demo_classification.py:smoke
+# (test_train.py, test_faults.py, test_multiprocess*.py).
+RECIPES = [p for p in CONFIGS if not os.path.basename(p).startswith("demo")]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
 def test_smoke(path, tmp_path, capsys):
     config = load(path).get_config("smoke")
     config.checkpoint.async_save = False

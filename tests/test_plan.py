@@ -144,29 +144,6 @@ def test_bad_flags_are_named(args, message):
     assert message in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("texts, devices, message", [
-    (["fsdp:x"], None, "--mesh='fsdp:x'"),
-    (["fsdp:-1"], None, "give --devices or --accelerator"),
-])
-def test_mesh_flags_are_named(texts, devices, message):
-    from crate_jax.plan import PlanError, parse_mesh, resolve_meshes
-
-    with pytest.raises(PlanError) as err:
-        resolve_meshes([parse_mesh(t) for t in texts], devices, texts)
-    assert message in str(err.value)
-
-
-@pytest.mark.parametrize("call, message", [
-    (lambda p: p.parse_bytes("32GiBs"), "'32GiBs'"),
-    (lambda p: p.tpu_devices("v9-8"), "'v9-8'"),
-])
-def test_memory_and_accelerator_flags_are_named(call, message):
-    from crate_jax import plan
-
-    with pytest.raises(plan.PlanError, match=message):
-        call(plan)
-
-
 def test_units_meshes_and_tpu_types():
     code = textwrap.dedent("""
         from crate_jax.plan import parse_bytes, parse_mesh, tpu_devices, tpu_topology
@@ -179,6 +156,20 @@ def test_units_meshes_and_tpu_types():
         assert tpu_devices("v5p-128")[0] == 64 and tpu_devices("v6e-256")[0] == 256
         assert tpu_topology("v4-256") == ("v4:4x4x8", "megacore")
         assert tpu_topology("v5litepod-16") == ("v5e:4x4", "default")
+        # the other bad flags, named as the command line names them (exit 2 is tested above)
+        from crate_jax.plan import PlanError, resolve_meshes
+        for call, message in [
+                (lambda: parse_mesh("fsdp:x"), "--mesh='fsdp:x'"),
+                (lambda: resolve_meshes([parse_mesh("fsdp:-1")], None, ["fsdp:-1"]),
+                 "give --devices or --accelerator"),
+                (lambda: parse_bytes("32GiBs"), "'32GiBs'"),
+                (lambda: tpu_devices("v9-8"), "'v9-8'")]:
+            try:
+                call()
+            except PlanError as e:
+                assert message in str(e), (message, str(e))
+            else:
+                raise AssertionError(f"no error for {message}")
         print("ok")
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(),

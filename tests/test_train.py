@@ -213,17 +213,6 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
         assert np.isfinite(leaf).all()
 
 
-def test_finetune_from_another_run_with_a_new_patch_size(tmp_path):
-    train_and_evaluate(smoke_config(), str(tmp_path / "pretrain"))
-    config = smoke_config(**{"model.name": "crate-alpha-ti/4", "init_from": str(tmp_path /
-                                                                                "pretrain")})
-    final = train_and_evaluate(config, str(tmp_path / "finetune"))
-    assert final["step"] == 4
-    params = final_params(str(tmp_path / "finetune"))
-    assert params["stem"]["kernel"].shape[:2] == (4, 4)
-    assert params["posemb"]["embedding"].shape[1] == 1 + 16
-
-
 @pytest.mark.parametrize("updates,error,message", [
     ({"batch_size": 12}, ValueError, "batch_size=12"),
     ({"data.source": "folder", "data.data_dir": "/nonexistent/imagenet"}, FileNotFoundError,
