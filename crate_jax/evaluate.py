@@ -106,6 +106,10 @@ def evaluate(workdir: str, *, kinds: list[str], data: str = "auto",
     workdir = absolute(workdir)
     config = read_run_config(workdir, tokenizer)
     if config.trainer == "contrastive":
+        if not config.data.get("tokenizer") and "source" not in config.data:
+            raise ValueError(f"--tokenizer: {workdir} (an imported checkpoint) names no "
+                             "tokenizer; pass the one its text tower was trained with (the "
+                             "CRATE-α-CLIPA releases: BERT-base uncased vocab.txt)")
         config.evals = eval_specs(config, kinds, data, num_examples)
     batch_size = batch_size or config.get("eval_batch_size") or 64
     config.eval_batch_size = batch_size

@@ -150,3 +150,11 @@ def test_evaluate_runs_zero_shot_and_retrieval_on_the_imported_model(release, tm
     metrics = __import__("json").loads(out.read_text())
     assert metrics["zeroshot/count"] == 24 and 0.0 <= metrics["zeroshot/top1"] <= 1.0
     assert {"retrieval/i2t_R@1", "retrieval/t2i_R@5"} <= set(metrics)
+
+
+def test_evaluate_without_a_tokenizer_names_the_flag(release):
+    from crate_jax.evaluate import evaluate
+
+    _, _, run = release
+    with pytest.raises(ValueError, match=r"--tokenizer: .*vocab\.txt"):
+        evaluate(str(run), kinds=["zeroshot"])

@@ -629,3 +629,19 @@ def test_bfloat16_tensors_from_torch(tmp_path):
     assert np.array_equal(imported.params["encoder"]["layers"][0]["sparse"]["D"],
                           expected.numpy())
     assert jax.tree.leaves(imported.params)[0].dtype == np.float32
+
+
+def test_load_an_imported_classifier_and_classify(tmp_path):
+    """crate_jax.load on an imported run: the NumPy reference's logits, through the
+    evaluation preprocessing (uint8 pixels normalised as the classification task does)."""
+    import crate_jax
+
+    p = crate_alpha_npz()
+    convert.write_run(tmp_path / "run", convert.import_crate_alpha_npz(p))
+    loaded = crate_jax.load(str(tmp_path / "run"))
+    pixels = np.random.default_rng(0).integers(0, 256, (2, IMAGE, IMAGE, 3), dtype=np.uint8)
+    x = np.asarray(loaded.task.preprocess({"image": pixels}))
+    logits = ref.crate_alpha_npz_forward(p, x, patch=PATCH)
+    want = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(loaded.classify(pixels), want / want.sum(1, keepdims=True),
+                               rtol=1e-4, atol=1e-6)

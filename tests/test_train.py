@@ -192,7 +192,7 @@ def test_evaluation_covers_the_whole_split_once():
     source = images.image_source(config.data, "test")
     transform = images.eval_transform(config.data)
     examples = [transform(source[i]) for i in range(len(source))]
-    x = task._preprocess({"image": jnp.asarray(np.stack([e["image"] for e in examples]))})
+    x = task.preprocess({"image": jnp.asarray(np.stack([e["image"] for e in examples]))})
     model.eval()
     logits = np.asarray(model(x))
     labels = np.array([e["label"] for e in examples])

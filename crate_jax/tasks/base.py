@@ -42,6 +42,11 @@ class Task(abc.ABC):
              rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Scalar loss (mean over the batch) and scalar metrics, traced inside the train step."""
 
+    def preprocess(self, batch: dict) -> jax.Array:
+        """The model's input from a host batch (uint8 images → normalised floats), as the
+        loss and the evaluators feed it (crate_jax.load uses it too)."""
+        raise NotImplementedError(f"{type(self).__name__} has no image preprocessing")
+
     # A loss that couples the examples of a batch (contrastive) sets batch_coupled and splits
     # its loss into features and features_loss, for feature-cached gradient accumulation.
     batch_coupled: bool = False

@@ -45,7 +45,7 @@ class ClassificationTask(Task):
         return models.config_for(self.config.model.name,
                                  **config_utils.model_overrides(self.config.model)).depth
 
-    def _preprocess(self, batch: dict) -> jax.Array:
+    def preprocess(self, batch: dict) -> jax.Array:
         data = self.config.data
         return normalize(batch["image"], data.get("mean", IMAGENET_MEAN),
                          data.get("std", IMAGENET_STD))
@@ -70,7 +70,7 @@ class ClassificationTask(Task):
 
     def loss(self, model, batch, rng):
         cfg = self.config
-        images = self._preprocess(batch)
+        images = self.preprocess(batch)
         targets = self.targets(batch)
         images, targets = mixing.mix_sharded(
             rng, images, targets, batch_axes=self.batch_axes(),
@@ -97,7 +97,7 @@ class ClassificationTask(Task):
         return [ClassificationEvaluator(
             "val", lambda: pipeline.eval_batches(source, batch_size=per_process,
                                                  transform=transform),
-            self._preprocess)]
+            self.preprocess)]
 
     def example_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         size = self.config.data.image_size
