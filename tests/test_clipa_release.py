@@ -153,7 +153,7 @@ def test_evaluate_runs_zero_shot_and_retrieval_on_the_imported_model(release, tm
 
 
 def test_evaluate_without_a_tokenizer_names_the_flag(release):
-    from crate_jax.evaluate import evaluate
+    from crate_jax.inference import evaluate
 
     _, _, run = release
     with pytest.raises(ValueError, match=r"--tokenizer: .*vocab\.txt"):
