@@ -207,7 +207,8 @@ def test_mixup_and_cutmix_gather_no_images(monkeypatch):
     assert _image_collectives(_compiled_step_hlo(config))
 
 
-@pytest.mark.parametrize("mixup,cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+# (with both on, each batch takes one of the two: these two cases are its branches)
+@pytest.mark.parametrize("mixup,cutmix", [(0.8, 0.0), (0.0, 1.0)])
 def test_each_shard_is_mixed_on_its_own(mixup, cutmix):
     from crate_jax import parallel
     from crate_jax.tasks import mixing
