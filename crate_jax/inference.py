@@ -28,6 +28,7 @@ from etils import epath
 from flax import nnx
 
 from crate_jax import tasks
+from crate_jax.convert.importers import build_loaded
 from crate_jax.data import images as image_ops
 from crate_jax.train.checkpoint import Checkpointer
 
@@ -141,12 +142,12 @@ def load(run_dir: str, *, step: int | None = None, tokenizer: str | None = None)
     run_dir = absolute(run_dir)
     config = read_run_config(run_dir, tokenizer)
     task = tasks.get(config.trainer)(config)
-    graphdef, abstract, rest = nnx.split(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))),
-                                         nnx.Param, ...)
-    rest = jax.jit(lambda: nnx.split(task.build_model(nnx.Rngs(0)), nnx.Param, ...)[2])()
-    params = _restore(run_dir, step, nnx.to_pure_dict(abstract))
-    nnx.replace_by_pure_dict(abstract, params)
-    model = nnx.merge(graphdef, abstract, rest)
+
+    def make() -> nnx.Module:
+        return task.build_model(nnx.Rngs(0))
+
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
+    model = build_loaded(make, _restore(run_dir, step, abstract))
     model.eval()
     return Loaded(model, config, task)
 

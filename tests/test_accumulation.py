@@ -108,3 +108,14 @@ def test_a_frozen_sub_tree_is_not_updated_and_has_no_optimizer_state():
     assert float(new["params"]["logit_scale"]) == float(params["logit_scale"])
     moments = new["opt_state"][0].mu
     assert 0 not in moments["image"]["encoder"]["layers"] and "logit_scale" not in moments
+
+
+def test_a_mistyped_accumulation_mode_or_evaluator_kind_is_named():
+    from crate_jax.inference import eval_specs
+
+    config, task, graphdef, _, _ = _setup(4, mode="featurse")
+    with pytest.raises(ValueError, match=r"grad_accum_mode='featurse'"):
+        task_train_step(task, config, graphdef, optax.sgd(1.0), optax.constant_schedule(1.0),
+                        ())
+    with pytest.raises(ValueError, match=r"--evals: \['zeroshoot'\] unknown"):
+        eval_specs(config, ["zeroshoot"], "auto", None)
