@@ -51,7 +51,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         return params, loss
 
     step = jax.jit(step, donate_argnums=0)
-    fwd_flops = perf.compiled_flops(forward, params, images)
+    fwd_flops = perf.traced_flops(forward, params, images)
     t0 = time.perf_counter()
     params, loss = step(params, images, labels)
     loss.block_until_ready()

@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.eval_every = 0  # 0: only at the end
     c.eval_batch_size = 256
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.mesh = ml_collections.ConfigDict({"dcn": 1, "data": 1, "fsdp": -1, "tensor": 1})
     c.sharding_rules = None  # None: crate_jax.parallel.DEFAULT_RULES
     c.measure_flops = True
     c.tensorboard = True
@@ -221,7 +221,7 @@ def clipa_config(*, image: str, text: str, embed_dim: int, arg: str | None,
     c.log_every = 100
     c.eval_every = 5000
     c.checkpoint.update(every=1000, keep=2, keep_best=1, best_metric="imagenet_zeroshot/top1")
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.mesh = ml_collections.ConfigDict({"dcn": 1, "data": 1, "fsdp": -1, "tensor": 1})
     c.freeze = list(CLIPA_FROZEN)
     c.init_towers = ([dict(keys=list(CLIPA_FROZEN), **{"from": args.text_from})]
                      if args.text_from else None)

@@ -11,7 +11,7 @@ Nothing is materialised. The planner builds exactly what crate_jax.train.loop bu
 task, the abstract model, the parameter shardings from the logical-axis rules, the optimizer
 and its state shardings, the train step with its in/out shardings and donated state — from
 jax.ShapeDtypeStruct only, and compiles the step ahead of time for the mesh. It prints the
-parameter count, the FLOPs of one step (XLA's cost analysis: per device, in total, per
+parameter count, the FLOPs of one step (counted on its jaxpr: per device, in total, per
 example), per-device bytes of parameters, optimizer state, input batch and temporaries
 (activations saved for the backward pass, gradients, gathered weights, workspace), the peak,
 whether it fits --device-memory less --headroom, and the compile time.
@@ -58,8 +58,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (Python, get_config(arg)); add ':ARG' to pass an argument. "
     "--config.key=value overrides work as for crate_jax.main.", lock_config=True)
 _MESH = flags.DEFINE_multi_string(
-    "mesh", None, "Mesh axis sizes, e.g. 'fsdp:64' or 'data:16,fsdp:16' (axes data, fsdp, "
-    "tensor; one may be -1 = the remaining devices). Repeat the flag to compare meshes.")
+    "mesh", None, "Mesh axis sizes, e.g. 'fsdp:64', 'data:16,fsdp:16' or 'dcn:2,fsdp:32' (axes "
+    "dcn = TPU slices, data, fsdp, tensor; one may be -1 = the remaining devices). Repeat the "
+    "flag to compare meshes.")
 _DEVICES = flags.DEFINE_integer(
     "devices", None, "Number of devices (default: from --accelerator, else the mesh sizes).")
 _ACCELERATOR = flags.DEFINE_string(
@@ -90,13 +91,18 @@ _TARGET = flags.DEFINE_enum(
     "real TPU of --accelerator with the TPU compiler (needs libtpu, e.g. pip install "
     "'jax[tpu]'; no TPU needed): exact for that TPU.")
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")  # crate_jax.parallel.mesh.MESH_AXES
 REMAT_ORDER = ("none", "dots", "full")  # lighter (faster) → heavier (less memory)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 # Cloud TPU generations: (TensorCores per chip in the type name, HBM per chip in GiB).
 # JAX sees one device per chip (v4 and v5p: the two cores of a chip form one megacore device).
 _TPU = {"v4": (2, 32), "v5p": (2, 95), "v5litepod": (1, 16), "v5e": (1, 16), "v6e": (1, 32)}
+
+
+def _data_parallel(mesh: dict[str, int]) -> int:
+    """The devices the batch is split over: dcn × data × fsdp."""
+    return mesh.get("dcn", 1) * mesh.get("data", 1) * mesh.get("fsdp", 1)
 
 
 class PlanError(ValueError):
@@ -114,14 +120,15 @@ def parse_bytes(text: str, flag: str = "--device-memory") -> int:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """'data:16,fsdp:16' → {'data': 16, 'fsdp': 16} (':' or '=' between axis and size)."""
+    """'data:16,fsdp:16' → {'data': 16, 'fsdp': 16} (':' or '=' between axis and size);
+    'dcn:2,fsdp:32' → {'dcn': 2, 'fsdp': 32}: 2 slices of 32 devices."""
     shape: dict[str, int] = {}
     for item in filter(None, (text or "").replace(" ", "").split(",")):
         name, sep, size = item.replace("=", ":").partition(":")
         if not sep or name not in MESH_AXES or not re.fullmatch(r"-?[0-9]+", size):
             raise PlanError(f"--mesh={text!r}: expected AXIS:SIZE[,AXIS:SIZE...] with axes "
-                            f"{', '.join(MESH_AXES)} and integer sizes, e.g. fsdp:64 or "
-                            f"data:16,fsdp:16 (bad item {item!r})")
+                            f"{', '.join(MESH_AXES)} and integer sizes, e.g. fsdp:64, "
+                            f"data:16,fsdp:16 or dcn:2,fsdp:32 (bad item {item!r})")
         if name in shape:
             raise PlanError(f"--mesh={text!r}: axis {name!r} given twice")
         shape[name] = int(size)
@@ -150,7 +157,8 @@ def tpu_devices(accelerator: str) -> tuple[int, int]:
 
 def resolve_meshes(meshes: list[dict[str, int]], devices: int | None,
                    texts: list[str]) -> tuple[list[dict[str, int]], int]:
-    """Fill in -1 and check every mesh against the device count (given, or the largest mesh)."""
+    """Fill in -1 and check every mesh against the device count (given, or the largest mesh).
+    Each mesh comes back with every axis of MESH_AXES, dcn first (1 where not given)."""
     if devices is None:
         fixed = [m for m in meshes if -1 not in m.values()]
         if not fixed:
@@ -266,10 +274,12 @@ class Result:
     compile_s: float
     fits: bool = False
     note: str = ""  # e.g. the TPU compiler's out-of-memory message
+    # parameters left replicated because the mesh does not divide them (one line each)
+    undivided: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def per_device_batch(self) -> int:
-        return self.batch_size // (self.mesh["data"] * self.mesh["fsdp"])
+        return self.batch_size // _data_parallel(self.mesh)
 
     @property
     def micro_batch(self) -> int:
@@ -309,69 +319,74 @@ def _shard_bytes(tree) -> int:
     return total
 
 
-def compile_step(config, mesh_shape: dict[str, int], devices=None) -> Result:
-    """Build the train step exactly as crate_jax.train.loop does, from shapes only, and
-    compile it for `mesh_shape` over `devices` (default: the first of jax.devices())."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    from crate_jax import tasks
-    from crate_jax.parallel import (
-        DEFAULT_RULES,
-        batch_sharding,
-        make_mesh,
-        param_shardings,
-        replicated,
-    )
+def _check_plan_batch(config, mesh, mesh_shape: dict[str, int], rules: dict) -> None:
     from crate_jax.parallel.sharding import data_parallel_size
-    from crate_jax.train import optim
-    from crate_jax.train.step import split_frozen, task_train_step
 
-    devices = list(devices or jax.devices())[:math.prod(mesh_shape.values())]
-    mesh = make_mesh(mesh_shape, devices=devices)
-    rules = {**DEFAULT_RULES, **dict(config.get("sharding_rules") or {})}
     accum = config.get("grad_accum_steps", 1)
     dp = data_parallel_size(mesh, rules)
     if config.batch_size % (dp * accum):
         raise PlanError(f"--batch-size={config.batch_size} is not divisible by the {dp} "
                         f"data-parallel devices × grad_accum_steps={accum} of mesh "
                         f"{mesh_shape}")
-    task = tasks.get(config.trainer)(config)
 
-    def sds(x, sharding):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
-    abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
-    graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
-    p_shard = param_shardings(abstract_params, mesh, rules)
-    params = jax.tree.map(sds, nnx.to_pure_dict(abstract_params), p_shard)
-    rest = jax.tree.map(lambda x: sds(x, replicated(mesh)), abstract_rest)
-    frozen = tuple(config.get("freeze") or ())
-    trainable, _ = split_frozen(params, frozen)
-    # Outside the mesh context: optax's init makes small constants eagerly, on the host.
-    tx = optim.make_optimizer(config.optim, trainable, num_layers=task.num_layers())
-    abstract_opt = jax.eval_shape(tx.init, trainable)
-    opt_shard = optax.tree_map_params(tx, lambda _, s: s, abstract_opt,
-                                      split_frozen(p_shard, frozen)[0],
-                                      transform_non_params=lambda _: replicated(mesh))
-    opt_state = jax.tree.map(sds, abstract_opt, opt_shard)
+def _base_fields(config, mesh_shape, state) -> dict:
+    """The Result fields that the abstract state alone gives."""
+    import jax
+
+    params = state.abstract_state["params"]
+    return dict(mesh=dict(mesh_shape), batch_size=config.batch_size,
+                grad_accum_steps=config.get("grad_accum_steps", 1), remat=config_remat(config),
+                params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+                param_bytes=_shard_bytes(params),
+                opt_bytes=_shard_bytes(state.abstract_state["opt_state"]),
+                batch_bytes=_shard_bytes(state.example_batch()), undivided=state.undivided)
+
+
+def _measured(fields: dict, compiled, flops: float, devices: int, lower_s: float,
+              compile_s: float) -> Result:
+    memory = compiled.memory_analysis()
+    args, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
+    alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes
+    # Live at the peak, at most: the inputs, the temporaries and the outputs that do not reuse
+    # an input (the donated state is updated in place). XLA:CPU's own peak_memory_in_bytes
+    # leaves the temporaries out, so it is not used.
+    return Result(**fields, argument_bytes=args, output_bytes=out, alias_bytes=alias,
+                  temp_bytes=temp, code_bytes=memory.generated_code_size_in_bytes,
+                  peak_bytes=args + temp + out - alias, flops_per_device=flops / devices,
+                  lower_s=lower_s, compile_s=compile_s)
+
+
+def _out_of_memory(fields: dict, oom, lower_s: float, compile_s: float) -> Result:
+    """The Result of a step the TPU compiler refused for its HBM."""
+    known = fields["param_bytes"] + fields["opt_bytes"] + fields["batch_bytes"]
+    temp = _size(oom.group(1))
+    return Result(**fields, argument_bytes=known, output_bytes=0, alias_bytes=0,
+                  temp_bytes=temp, code_bytes=0, peak_bytes=known + temp, flops_per_device=0.0,
+                  lower_s=lower_s, compile_s=compile_s,
+                  note=f"the TPU compiler: HLO temporaries need {oom.group(1)}B, "
+                       f"{oom.group(2)}B of HBM available")
+
+
+def compile_step(config, mesh_shape: dict[str, int], devices=None) -> Result:
+    """Build the train state and step exactly as crate_jax.train.loop does
+    (crate_jax.train.state.build_train_state), from shapes only, and compile the step for
+    `mesh_shape` over `devices` (default: the first of jax.devices())."""
+    import jax
+
+    from crate_jax import perf
+    from crate_jax.parallel import make_mesh
+    from crate_jax.train.state import build_train_state
+
+    devices = list(devices or jax.devices())[:math.prod(mesh_shape.values())]
+    mesh = make_mesh(mesh_shape, devices=devices)
+    state = build_train_state(config, mesh)
+    _check_plan_batch(config, mesh, mesh_shape, state.rules)
+    fields = _base_fields(config, mesh_shape, state)
     with jax.set_mesh(mesh):
-        state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh)),
-                 "params": params, "opt_state": opt_state}
-        state_shard = {"step": replicated(mesh), "params": p_shard, "opt_state": opt_shard}
-        step_fn = task_train_step(task, config, graphdef, tx,
-                                  optim.make_schedule(config.optim), frozen)
-        b_shard = batch_sharding(mesh, rules)
-        example = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct((config.batch_size, *x.shape[1:]), x.dtype,
-                                           sharding=b_shard),
-            task.example_batch(1))
-        train_step = jax.jit(step_fn, in_shardings=(state_shard, replicated(mesh), b_shard),
-                             out_shardings=(state_shard, replicated(mesh)), donate_argnums=(0,))
         t0 = time.perf_counter()
-        lowered = train_step.lower(state, rest, example)
+        traced = state.trace()
+        lowered = traced.lower()
         t1 = time.perf_counter()
         try:
             compiled = lowered.compile()
@@ -379,39 +394,10 @@ def compile_step(config, mesh_shape: dict[str, int], devices=None) -> Result:
             oom = _OOM.search(str(e))
             if not oom:
                 raise
-            t2 = time.perf_counter()
-            known = _shard_bytes(params) + _shard_bytes(opt_state) + _shard_bytes(example)
-            temp = _size(oom.group(1))
-            return Result(
-                mesh=dict(mesh_shape), batch_size=config.batch_size, grad_accum_steps=accum,
-                remat=config_remat(config),
-                params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
-                param_bytes=_shard_bytes(params), opt_bytes=_shard_bytes(opt_state),
-                batch_bytes=_shard_bytes(example), argument_bytes=known, output_bytes=0,
-                alias_bytes=0, temp_bytes=temp, code_bytes=0, peak_bytes=known + temp,
-                flops_per_device=0.0, lower_s=t1 - t0, compile_s=t2 - t1,
-                note=f"the TPU compiler: HLO temporaries need {oom.group(1)}B, "
-                     f"{oom.group(2)}B of HBM available")
+            return _out_of_memory(fields, oom, t1 - t0, time.perf_counter() - t1)
         t2 = time.perf_counter()
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):
-        cost = cost[0]
-    args, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
-    alias, temp = memory.alias_size_in_bytes, memory.temp_size_in_bytes
-    code = memory.generated_code_size_in_bytes
-    # Live at the peak, at most: the inputs, the temporaries and the outputs that do not reuse
-    # an input (the donated state is updated in place). XLA:CPU's own peak_memory_in_bytes
-    # leaves the temporaries out, so it is not used.
-    peak = args + temp + out - alias
-    return Result(
-        mesh=dict(mesh_shape), batch_size=config.batch_size, grad_accum_steps=accum,
-        remat=config_remat(config),
-        params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
-        param_bytes=_shard_bytes(params), opt_bytes=_shard_bytes(opt_state),
-        batch_bytes=_shard_bytes(example), argument_bytes=args, output_bytes=out,
-        alias_bytes=alias, temp_bytes=temp, code_bytes=code, peak_bytes=peak,
-        flops_per_device=float(cost.get("flops", 0.0)), lower_s=t1 - t0, compile_s=t2 - t1)
+    return _measured(fields, compiled, perf.jaxpr_flops(traced.jaxpr), len(devices), t1 - t0,
+                     t2 - t1)
 
 
 # --- the search ------------------------------------------------------------------------------
@@ -446,7 +432,7 @@ def search(config, mesh_shape, usable: int, max_compiles: int, report,
        through the two peaks predicts the largest micro-batch that fits; a compile left over
        checks the prediction.
     `report(result)` is called after every compile."""
-    dp = mesh_shape["data"] * mesh_shape["fsdp"]
+    dp = _data_parallel(mesh_shape)
     results: list[Result] = []
 
     def trial(batch_size: int, accum: int, remat: str) -> Result | None:
@@ -543,6 +529,11 @@ def _setting(r: Result) -> str:
             f"{r.micro_batch:,} × grad_accum_steps {r.grad_accum_steps}), remat {r.remat}")
 
 
+def _undivided_text(r: Result) -> str:
+    from crate_jax.parallel import format_undivided
+    return "  " + format_undivided(r.undivided).replace("\n", "\n  ")
+
+
 def describe(r: Result, memory: int, usable: int) -> str:
     """The table for one compile."""
     devices = math.prod(r.mesh.values())
@@ -554,8 +545,8 @@ def describe(r: Result, memory: int, usable: int) -> str:
         (f"  FLOPs per step        {_flops(r.flops_per_device * devices)} in total, "
          f"{_flops(r.flops_per_device)} per device, "
          f"{_flops(r.flops_per_device * devices / r.batch_size)} per example\n"
-         "                        (XLA cost analysis of the compiled step: forward, backward, "
-         "remat recomputation, optimizer)") if not r.note else
+         "                        (counted on the traced step: forward, backward, remat "
+         "recomputation, optimizer)") if not r.note else
         "  FLOPs per step        unknown: the step did not compile",
         f"  compile time          {r.lower_s + r.compile_s:.1f} s (trace + lower "
         f"{r.lower_s:.1f} s, XLA compile {r.compile_s:.1f} s)",
@@ -573,7 +564,7 @@ def describe(r: Result, memory: int, usable: int) -> str:
         f"{100 * _HEADROOM.value:.0f} % headroom)",
         f"  verdict               {verdict}: peak is {100 * r.peak_bytes / memory:.0f} % of "
         "the device memory" + (f" ({r.note})" if r.note else ""),
-    ])
+    ] + ([_undivided_text(r)] if r.undivided else []))
 
 
 def _mesh_text(mesh: dict[str, int]) -> str:
@@ -688,7 +679,7 @@ def run() -> None:
         config = with_settings(config, batch_size=config.batch_size,
                                accum=config.get("grad_accum_steps", 1), remat=_REMAT.value)
     for shape, text in zip(meshes, texts, strict=True):
-        dp = shape["data"] * shape["fsdp"]
+        dp = shape.get("dcn", 1) * shape.get("data", 1) * shape.get("fsdp", 1)
         accum = config.get("grad_accum_steps", 1)
         if config.batch_size % (dp * accum):
             raise PlanError(f"--batch-size={config.batch_size} (or the config's batch_size) "

@@ -8,11 +8,15 @@ import jax
 import numpy as np
 from flax import nnx
 
+from crate_jax.models import layer_stack
+
 
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
-    """{'encoder/layers/0/attn/proj': array, ...} for every nnx.Param."""
+    """{'encoder/layers/0/attn/proj': array, ...} for every nnx.Param, layer by layer (the
+    model stacks its layers; the reference layouts name each one)."""
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {"/".join(map(str, path)): np.asarray(var[...]) for path, var in flat}
+    return layer_stack.unstack_flat(
+        {"/".join(map(str, path)): np.asarray(var[...]) for path, var in flat})
 
 
 def randomize(model: nnx.Module, seed: int = 0, std: float = 0.2) -> None:

@@ -66,7 +66,7 @@ def test_four_micro_batches_give_the_whole_batch_gradients(whole_batch):
     np.testing.assert_allclose(loss4, loss, rtol=1e-5)
     np.testing.assert_allclose(norm4, norm, rtol=1e-5)
     leaves, leaves4 = jax.tree.leaves(grads), jax.tree.leaves(grads4)
-    assert len(leaves) == len(leaves4) > 30
+    assert len(leaves) == len(leaves4) > 20
     scale = max(float(np.abs(g).max()) for g in leaves)
     for (path, g), g4 in zip(jax.tree_util.tree_flatten_with_path(grads)[0], leaves4,
                              strict=True):
@@ -93,7 +93,7 @@ def test_a_frozen_sub_tree_is_not_updated_and_has_no_optimizer_state():
     from crate_jax.train.step import split_frozen
 
     config, task, graphdef, params, rest = _setup(1)
-    frozen = ("image/encoder/layers/0", "logit_scale")
+    frozen = ("image/encoder/layers/attn", "logit_scale")  # every layer's attention
     trainable, _ = split_frozen(params, frozen)
     tx = optax.adam(0.1)
     step = task_train_step(task, config, graphdef, tx, optax.constant_schedule(0.1), frozen)
@@ -101,13 +101,13 @@ def test_a_frozen_sub_tree_is_not_updated_and_has_no_optimizer_state():
              "opt_state": tx.init(trainable)}
     new, _ = jax.jit(step)(state, rest, _batch(task))
     before, after = params["image"]["encoder"]["layers"], new["params"]["image"]["encoder"]
-    for a, b in zip(jax.tree.leaves(before[0]), jax.tree.leaves(after["layers"][0]),
+    for a, b in zip(jax.tree.leaves(before["attn"]), jax.tree.leaves(after["layers"]["attn"]),
                     strict=True):
         np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(before[1]["attn"]["proj"], after["layers"][1]["attn"]["proj"])
+    assert not np.array_equal(before["sparse"]["D"], after["layers"]["sparse"]["D"])
     assert float(new["params"]["logit_scale"]) == float(params["logit_scale"])
     moments = new["opt_state"][0].mu
-    assert 0 not in moments["image"]["encoder"]["layers"] and "logit_scale" not in moments
+    assert "attn" not in moments["image"]["encoder"]["layers"] and "logit_scale" not in moments
 
 
 def test_a_mistyped_accumulation_mode_or_evaluator_kind_is_named():

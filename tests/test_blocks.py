@@ -170,16 +170,19 @@ def test_sincos_position_embedding():
 
 
 def test_drop_path_and_layer_scale():
-    dp = layers.DropPath(0.5, rngs=nnx.Rngs(dropout=0))
+    depth = layers.StochasticDepth(rngs=nnx.Rngs(dropout=0))
     x = jnp.ones((64, 3, 4))
-    y = np.asarray(dp(x))
+    keys = depth.keys(3)
+    assert keys.shape == (3, 2)
+    y = np.asarray(layers.drop_path(x, jnp.float32(0.5), keys[1, 0]))
     per_sample = y.reshape(64, -1)
     # whole samples are dropped or kept (scaled by 1/(1-rate)), never single entries
     assert set(np.unique(per_sample)) <= {0.0, 2.0}
     assert (per_sample.min(1) == per_sample.max(1)).all()
     assert 10 < (per_sample[:, 0] == 0).sum() < 54
-    dp.eval()
-    np.testing.assert_array_equal(dp(x), x)
+    np.testing.assert_array_equal(layers.drop_path(x, jnp.float32(0.0), keys[0, 0]), x)
+    depth.eval()
+    assert depth.keys(3) is None
 
     ls = layers.LayerScale(4, 1e-4, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     np.testing.assert_allclose(ls(x), 1e-4 * np.ones((64, 3, 4)), rtol=1e-6)

@@ -61,6 +61,33 @@ def test_global_batch_loss_and_gradients_on_8_devices(kind):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["infonce", "sigmoid"])
+def test_batch_accuracy_from_the_sharded_blocks(kind):
+    """Image→text top-1 over the global batch, each device scoring its rows against all B
+    texts: NumPy's argmax (the first maximum on a tie) of the whole similarity."""
+    x, y = _embeddings(seed=1)
+    rng = np.random.default_rng(2)
+    x = y + 0.7 * rng.normal(size=y.shape)
+    y[5] = y[3]  # a tie: rows 3 and 5 match columns 3 and 5 equally, and argmax takes 3
+    x[3], x[5] = y[3], y[5]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    best = np.argmax(x @ y.T, axis=1)
+    want = np.mean(best == np.arange(len(x)))
+    assert best[3] == best[5] == 3 and 0.3 < want < 0.9, (best, want)
+    fn = jax.jit(lambda x, y: contrastive_loss(x, y, 10.0, -2.0, kind=kind, with_accuracy=True))
+    loss, accuracy = fn(x, y)
+    assert float(accuracy) == pytest.approx(want)
+    np.testing.assert_allclose(loss, contrastive_loss(x, y, 10.0, -2.0, kind=kind), rtol=1e-6)
+    for shape in ({"fsdp": 8}, {"dcn": 2, "fsdp": 4}):
+        mesh = parallel.make_mesh(shape)
+        with jax.set_mesh(mesh):
+            xs, ys = (jax.device_put(a, parallel.batch_sharding(mesh)) for a in (x, y))
+            sharded_loss, sharded_accuracy = fn(xs, ys)
+        assert float(sharded_accuracy) == pytest.approx(want), shape
+        np.testing.assert_allclose(sharded_loss, loss, rtol=1e-6)
+
+
 def test_loss_memory_is_linear_in_devices():
     """Per-device logits are (B/n) × B: the compiled sharded loss never holds B × B."""
     mesh = parallel.make_mesh({"data": 8})

@@ -22,6 +22,7 @@ from crate_jax import convert
 from crate_jax.convert import safetensors_format
 from crate_jax.convert.__main__ import main as cli
 from crate_jax.convert.files import require_torch
+from crate_jax.models import layer_stack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -349,7 +350,8 @@ def test_export_refuses_what_the_port_cannot_compute():
     notes = convert.compatibility_notes(convert.import_crate_alpha_npz(
         crate_alpha_npz()).config(), "crate-alpha-torch")
     assert any("eps 1e-05" in n for n in notes)  # the port's head LN differs from big_vision's
-    params = convert.import_crate_torch(crate_torch_sd(), heads=HEADS).params
+    params = layer_stack.unstack_layers(
+        convert.import_crate_torch(crate_torch_sd(), heads=HEADS).params)
     del params["encoder"]["layers"][1]["sparse"]["weight"]
     with pytest.raises(convert.ConversionError, match="encoder/layers/1/sparse/weight"):
         convert.to_crate_torch(params)
@@ -626,7 +628,7 @@ def test_bfloat16_tensors_from_torch(tmp_path):
     imported = convert.import_weights(path, "crate-alpha-torch", heads=HEADS)
     assert any("bfloat16 -> float32" in n for n in imported.notes)
     expected = torch.from_numpy(sd["transformer.layers.0.1.fn.D"]).to(torch.bfloat16).float()
-    assert np.array_equal(imported.params["encoder"]["layers"][0]["sparse"]["D"],
+    assert np.array_equal(imported.params["encoder"]["layers"]["sparse"]["D"][0],
                           expected.numpy())
     assert jax.tree.leaves(imported.params)[0].dtype == np.float32
 

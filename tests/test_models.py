@@ -16,6 +16,7 @@ from model_utils import (
 )
 
 from crate_jax import models
+from crate_jax.models import layer_stack
 
 TINY = dict(width=32, depth=2, heads=4, image_size=16, num_classes=5)
 
@@ -74,7 +75,8 @@ def test_crate_alpha_config_knobs_reach_the_math():
     want = ref.crate_alpha_npz_forward(crate_alpha_npz_layout(flat_params(model)), images,
                                        patch=8, eta=0.05, lam=0.2, steps=3)
     np.testing.assert_allclose(model(jnp.asarray(images)), want, rtol=1e-4, atol=1e-4)
-    assert model.encoder.layers[0].sparse.D.shape == (32, 64)
+    assert model.encoder.layer(0).sparse.D.shape == (32, 64)
+    assert model.encoder.layers.sparse.D.shape == (model.cfg.depth, 32, 64)
 
 
 def test_crate_alpha_encoder_without_head_returns_features():
@@ -131,10 +133,10 @@ def test_parameter_count_h14_without_head():
 def test_every_crate_alpha_size_builds_abstractly(size):
     abstract = nnx.eval_shape(lambda: models.create(f"crate-alpha-{size}/14"))
     width, depth, heads = models.registry.VISION_SIZES["crate_alpha"][size]
-    layer = abstract.encoder.layers[0]
-    assert len(abstract.encoder.layers) == depth
-    assert layer.attn.proj.shape == (width, heads, width // heads)
-    assert layer.sparse.D.shape == (width, 4 * width)
+    layers = abstract.encoder.layers  # stacked: a leading axis of length depth
+    assert layers.attn.proj.shape == (depth, width, heads, width // heads)
+    assert layers.sparse.D.shape == (depth, width, 4 * width)
+    assert layers.sparse.D.get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
 
 
 # --- logical axis names, dtypes, jit and grad --------------------------------------------
@@ -353,7 +355,8 @@ def test_clipa_text_tower_against_numpy():
     tokens = np.zeros((2, 32), np.int32)
     tokens[0, :6] = [3, 7, 8, 9, 10, 12]
     tokens[1, :3] = [5, 6, 11]
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    params = layer_stack.unstack_layers(
+        jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))))
     want = _numpy_clipa_text(params, tokens)
     np.testing.assert_allclose(model(jnp.asarray(tokens)), want, rtol=1e-4, atol=1e-5)
     shorter = model(jnp.asarray(tokens[:, :16]))  # less padding: another last position
@@ -413,7 +416,7 @@ def test_image_shape_mismatch_is_reported():
         model(jnp.zeros((1, 32, 32, 3)))
 
 
-# --- FLOPs against DESIGN.md §2 (XLA cost analysis of the compiled forward, abstract) -----
+# --- FLOPs against DESIGN.md §2 (counted on the traced forward's jaxpr, abstract) ---------
 
 def _forward_gflops_per_image(name: str, batch: int) -> float:
     from crate_jax import perf
@@ -421,8 +424,31 @@ def _forward_gflops_per_image(name: str, batch: int) -> float:
     abstract = nnx.eval_shape(lambda: models.create(name))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     images = jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32)
-    flops = perf.compiled_flops(lambda p, x: nnx.merge(graphdef, p, rest)(x), params, images)
+    flops = perf.traced_flops(lambda p, x: nnx.merge(graphdef, p, rest)(x), params, images)
     return flops / batch / 1e9
+
+
+@pytest.mark.parametrize("name", ["crate-alpha-ti/16", "crate-t/16"])
+def test_jaxpr_flops_match_xla_on_unrolled_layers(name):
+    """XLA counts a while-loop body once, so it is the reference only for the unrolled stack;
+    the jaxpr count is the same for the scanned and the unrolled model."""
+    from crate_jax import perf
+
+    counts = {}
+    for scan in (True, False):
+        abstract = nnx.eval_shape(lambda scan=scan: models.create(name, depth=3,
+                                                                   scan_layers=scan))
+        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+        images = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+
+        def forward(p, x, graphdef=graphdef, rest=rest):
+            return nnx.merge(graphdef, p, rest)(x)
+
+        counts[scan] = perf.traced_flops(forward, params, images)
+        if not scan:
+            xla = perf.xla_flops(jax.jit(forward).lower(params, images).compile())
+    assert counts[True] == counts[False]
+    assert counts[True] == pytest.approx(xla, rel=0.005)
 
 
 @pytest.mark.parametrize("name,gflops,rel", [

@@ -42,30 +42,11 @@ TIMEOUT = 150
 
 
 def _target_state(config, mesh):
-    """Abstract train state (shapes, dtypes, shardings on `mesh`) of `config`, as the loop
-    builds it."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
+    """Abstract train state (shapes, dtypes, shardings on `mesh`) of `config`: the loop's own
+    (crate_jax.train.state.build_train_state)."""
+    from crate_jax.train.state import build_train_state
 
-    from crate_jax import parallel, tasks
-    from crate_jax.train import optim
-
-    task = tasks.get(config.trainer)(config)
-    abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
-    _, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
-    p_shard = parallel.param_shardings(abstract_params, mesh)
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nnx.to_pure_dict(abstract_params), p_shard)
-    tx = optim.make_optimizer(config.optim, params, num_layers=task.num_layers())
-    abstract_opt = jax.eval_shape(tx.init, params)
-    opt_shard = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_shard,
-                                      transform_non_params=lambda _: parallel.replicated(mesh))
-    opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       abstract_opt, opt_shard)
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(mesh))
-    return {"step": step, "params": params, "opt_state": opt}
+    return build_train_state(config, mesh).abstract_state
 
 
 def _launch(workdir, logdir, env, args):

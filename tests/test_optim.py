@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from crate_jax import models
+from crate_jax.models import layer_stack
 from crate_jax.train import optim
 
 TINY = dict(width=32, depth=2, heads=4, image_size=16, num_classes=5)
@@ -28,8 +29,13 @@ def _random_values(tree, seed: int = 0):
 
 @functools.cache
 def _params(name: str, **overrides) -> dict:
-    """The model's parameter tree (paths and shapes) with seeded random values; built from
-    nnx.eval_shape, so nothing is initialised or compiled."""
+    """The model's parameter tree (paths and shapes) with seeded random values, one entry per
+    layer ('encoder/layers/0/...'); built from nnx.eval_shape, so nothing is initialised or
+    compiled. `_stacked_params` gives the model's own (stacked) layout."""
+    return layer_stack.unstack_layers(_stacked_params(name, **overrides))
+
+
+def _stacked_params(name: str, **overrides) -> dict:
     model = nnx.eval_shape(lambda: models.create(name, **{**TINY, **overrides}))
     return _random_values(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
@@ -50,9 +56,11 @@ def _clip_tree() -> dict:
     text = nnx.eval_shape(lambda: models.create("crate-alpha-text-ti", width=32, depth=2,
                                                 heads=4, vocab_size=64, context_length=8,
                                                 pool="last"))
+    text = layer_stack.unstack_layers(
+        _random_values(nnx.to_pure_dict(nnx.state(text, nnx.Param))))
     return {
         "image": _params("crate-alpha-ti/8", layer_scale_init=0.1),
-        "text": _random_values(nnx.to_pure_dict(nnx.state(text, nnx.Param))),
+        "text": text,
         "image_proj": jnp.ones((32, 16)),
         "text_proj": jnp.ones((32, 16)),
         "logit_scale": jnp.asarray(math.log(10.0)),
@@ -237,6 +245,34 @@ def test_clip_before_optimizer():
     assert diff > 1e-3  # the check would fail without clipping
 
 
+def test_layer_decay_and_decay_mask_on_stacked_layers():
+    """The model's stacked layout gets per layer what the per-layer layout gets."""
+    stacked, depth, decay = _stacked_params("crate-alpha-ti/8"), 2, 0.5
+    per_layer = layer_stack.unstack_layers(stacked)
+    mask, mask_per_layer = _flat(optim.decay_mask(stacked)), _flat(optim.decay_mask(per_layer))
+    for key, value in mask.items():
+        want = mask_per_layer.get(key.replace("encoder/layers/", "encoder/layers/1/"),
+                                  mask_per_layer.get(key))
+        assert value is want, key
+    assert mask["encoder/layers/attn/norm/scale"] is False  # (L, d): not a matrix
+    scales = optim.layer_scales(stacked, depth, decay)
+    want = layer_stack.stack_layers(jax.tree.map(
+        lambda s: np.float32(s), optim.layer_scales(per_layer, depth, decay)))
+    for a, b in zip(jax.tree.leaves(scales), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.ravel(a), np.ravel(b), rtol=1e-6)
+    grads = _randn_like(stacked)
+    tx = optim.make_optimizer(_cfg(lr=1e-2, weight_decay=0.05, layer_decay=decay), stacked,
+                              num_layers=depth)
+    tx_per_layer = optim.make_optimizer(_cfg(lr=1e-2, weight_decay=0.05, layer_decay=decay),
+                                        per_layer, num_layers=depth)
+    update = tx.update(grads, tx.init(stacked), stacked)[0]
+    update_per_layer = tx_per_layer.update(layer_stack.unstack_layers(grads),
+                                           tx_per_layer.init(per_layer), per_layer)[0]
+    for a, b in zip(jax.tree.leaves(update),
+                    jax.tree.leaves(layer_stack.stack_layers(update_per_layer)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
 def test_layer_decay():
     params, depth, decay = _params("crate-alpha-ti/8"), 2, 0.5
     ids = _flat(optim.layer_ids(params, depth))
@@ -389,9 +425,11 @@ def test_optimizers_reduce_a_quadratic(name, lr):
 
 def test_rules_accept_an_nnx_state():
     model = nnx.eval_shape(lambda: models.create("vit-ti/8", **TINY))
-    state, params = nnx.state(model, nnx.Param), _params("vit-ti/8")
+    state, params = nnx.state(model, nnx.Param), _stacked_params("vit-ti/8")
     assert nnx.to_pure_dict(optim.decay_mask(state)) == optim.decay_mask(params)
-    assert nnx.to_pure_dict(optim.layer_ids(state, 2)) == optim.layer_ids(params, 2)
+    ids_state = jax.tree.leaves(nnx.to_pure_dict(optim.layer_ids(state, 2)))
+    for a, b in zip(ids_state, jax.tree.leaves(optim.layer_ids(params, 2)), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_freeze_takes_paths_and_merges_back():

@@ -87,7 +87,7 @@ def test_clipa_h14_on_64_devices(tmp_path):
     assert "64 fake CPU devices" in out and "1,024 per device" in out
     assert "verdict: FITS as configured" in out or "verdict: DOES NOT FIT" in out
     (report,) = json.loads(result.read_text())
-    assert report["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1}
+    assert report["mesh"] == {"dcn": 1, "data": 1, "fsdp": 64, "tensor": 1}
     assert report["device_memory_bytes"] == 32 * GIB
     (r,) = report["results"]
     assert r["batch_size"] == 65_536 and r["remat"] == "dots"
@@ -151,6 +151,7 @@ def test_units_meshes_and_tpu_types():
         assert parse_bytes("800MiB") == 800 * 2**20 and parse_bytes("1.5 GiB") == 3 * 2**29
         assert parse_mesh("data:16,fsdp:16") == {"data": 16, "fsdp": 16}
         assert parse_mesh("fsdp=-1,tensor=4") == {"fsdp": -1, "tensor": 4}
+        assert parse_mesh("dcn:2,fsdp:32") == {"dcn": 2, "fsdp": 32}
         assert tpu_devices("v4-64") == (32, 32 * 2**30)
         assert tpu_devices("v5litepod-64") == (64, 16 * 2**30)
         assert tpu_devices("v5p-128")[0] == 64 and tpu_devices("v6e-256")[0] == 256
@@ -158,6 +159,9 @@ def test_units_meshes_and_tpu_types():
         assert tpu_topology("v5litepod-16") == ("v5e:4x4", "default")
         # the other bad flags, named as the command line names them (exit 2 is tested above)
         from crate_jax.plan import PlanError, resolve_meshes
+        meshes, count = resolve_meshes([parse_mesh("dcn:2,fsdp:32")], None, ["dcn:2,fsdp:32"])
+        assert count == 64 and list(meshes[0].items()) == [
+            ("dcn", 2), ("data", 1), ("fsdp", 32), ("tensor", 1)]
         for call, message in [
                 (lambda: parse_mesh("fsdp:x"), "--mesh='fsdp:x'"),
                 (lambda: resolve_meshes([parse_mesh("fsdp:-1")], None, ["fsdp:-1"]),

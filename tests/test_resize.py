@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from crate_jax import models
+from crate_jax.models import layer_stack
 from crate_jax.models.resize import adapt_for_finetune, resize_patch_kernel, resize_posemb
 
 TINY = dict(width=32, depth=2, heads=4, image_size=32)
@@ -203,7 +204,7 @@ def test_adapt_crate_alpha_patch_and_resolution_change():
     new, notes = adapt_for_finetune(src, tgt)
     fs, ft, fn = _flat(src), _flat(tgt), _flat(new)
     assert {k: v.shape for k, v in fn.items()} == {k: v.shape for k, v in ft.items()}
-    assert new["encoder"]["layers"][1]["sparse"]["D"].shape == (32, 128)  # int layer keys kept
+    assert new["encoder"]["layers"]["sparse"]["D"].shape == (2, 32, 128)  # stacked kept
 
     # stem: PI-resized 8 -> 4 (a downsample: the least-squares solution of Bᵀŵ = w)
     b = np_patch_matrix(8, 4)
@@ -274,7 +275,7 @@ def test_adapt_head_rules_and_dtype():
     abstract = nnx.to_pure_dict(nnx.state(
         _abstract("crate-alpha-ti/8", num_classes=5, param_dtype="bfloat16"), nnx.Param))
     new, notes = adapt_for_finetune(src, abstract, reinit_head=False)
-    assert new["encoder"]["layers"][0]["sparse"]["D"].dtype == jnp.bfloat16
+    assert new["encoder"]["layers"]["sparse"]["D"].dtype == jnp.bfloat16
     assert any("cast float32 -> bfloat16" in n for n in notes)
 
 
@@ -288,8 +289,10 @@ def test_adapt_errors():
         adapt_for_finetune(src, narrow)
     assert "encoder/layers/1/sparse/D1" in str(err.value)
 
-    pruned = {**src, "encoder": {"layers": {0: src["encoder"]["layers"][0],
-                                            1: {**src["encoder"]["layers"][1], "attn": {}}}}}
+    per_layer = layer_stack.unstack_layers(src)  # a source in the per-layer layout
+    pruned = {**per_layer, "encoder": {"layers": {
+        0: per_layer["encoder"]["layers"][0],
+        1: {**per_layer["encoder"]["layers"][1], "attn": {}}}}}
     with pytest.raises(ValueError, match=r"missing from source: .*encoder/layers/1/attn/proj"):
         adapt_for_finetune(pruned, tgt)
 

@@ -151,8 +151,8 @@ def test_checkpoint_on_8_devices_restores_on_4(tmp_path):
     for a, b in zip(jax.tree.leaves(restored["params"]), _leaves(saved), strict=True):
         assert a.sharding.mesh.devices.size == 4
         np.testing.assert_array_equal(np.asarray(a), b)
-    d = restored["params"]["encoder"]["layers"][0]["sparse"]["D"]
-    assert d.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    d = restored["params"]["encoder"]["layers"]["sparse"]["D"]  # (layers, d, C·d)
+    assert d.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
 
 
 def test_gradient_accumulation_equals_large_batch():

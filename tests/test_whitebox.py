@@ -127,8 +127,8 @@ def _np_unit(x):
 def test_compression_per_head_matches_numpy(tiny, normalization, include_cls):
     model, images, inter, measured = tiny
     got = measured[normalization, include_cls]
-    layers = list(model.encoder.layers)
-    depth = len(layers)
+    depth = model.encoder.depth
+    layers = [model.encoder.layer(i) for i in range(depth)]
     points = [inter["tokens_in"], *inter["tokens_out"]]
     assert got["compression_heads"].shape == (3, depth + 1, 2)
     start = 0 if include_cls else 1

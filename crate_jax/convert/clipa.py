@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from crate_jax import models
+from crate_jax.convert.export import per_layer_flat
 from crate_jax.convert.importers import (
     ConversionError,
     _apply,
@@ -307,7 +308,7 @@ def to_crate_alpha_clipa_torch(params: Mapping[Any, Any],
     problems = _export_problems(cfg)
     if problems:
         raise ConversionError(f"cannot export to {LAYOUT}: " + "; ".join(problems))
-    flat = {k: np.asarray(v) for k, v in models.flat_params(params).items()}
+    flat = per_layer_flat(params)
     image = models.config_for(cfg.image, **{**dict(cfg.image_overrides), "num_classes": 0})
     text = models.config_for(cfg.text, **dict(cfg.text_overrides))
     spec = _vision_spec(image.width, image.heads, image.depth, image.num_patches + 1,

@@ -27,6 +27,7 @@ import numpy as np
 from crate_jax import models
 from crate_jax.convert.files import save_weights
 from crate_jax.convert.importers import TORCH_HEAD_EPS, ConversionError
+from crate_jax.models import layer_stack
 from crate_jax.models.config import VisionConfig
 from crate_jax.models.layers import sincos_2d
 
@@ -36,8 +37,10 @@ __all__ = ["EXPORT_FORMATS", "compatibility_notes", "export_weights", "to_crate_
 EXPORT_FORMATS = ("crate-alpha-torch", "crate-torch", "crate-alpha-clipa-torch")
 
 
-def _flat(params: Mapping[Any, Any]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v) for k, v in models.flat_params(params).items()}
+def per_layer_flat(params: Mapping[Any, Any]) -> dict[str, np.ndarray]:
+    """{'encoder/layers/0/attn/proj': array, ...}: per layer, whichever layout `params` has."""
+    return {k: np.asarray(v) for k, v in
+            layer_stack.unstack_flat(models.flat_params(params)).items()}
 
 
 def _depth(flat: Mapping[str, np.ndarray]) -> int:
@@ -131,7 +134,7 @@ def to_crate_alpha_torch(params: Mapping[Any, Any],
     """Our CRATE-α parameters → the CRATE-α PyTorch port's state_dict (NumPy arrays):
     conv1 (d, C, P, P), qkv / to_out.0 (out, in) Linear weights, D and D1 (d, C·d) as they are,
     the final norm as mlp_head.0 and the head as mlp_head.1 (weight (classes, d))."""
-    flat = _flat(params)
+    flat = per_layer_flat(params)
     get = _Reader(flat, "crate-alpha-torch")
     proj0 = get("encoder/layers/0/attn/proj")
     d = proj0.shape[0] if proj0.ndim == 3 else 0
@@ -165,7 +168,7 @@ def to_crate_torch(params: Mapping[Any, Any],
     to_patch_embedding.{1,2,3}, (out, in) Linear weights, the ISTA W as it is, the head
     LayerNorm and Linear as mlp_head.{0,1}."""
     del cfg  # CRATE's learned position table is always a parameter
-    flat = _flat(params)
+    flat = per_layer_flat(params)
     get = _Reader(flat, "crate-torch")
     proj0 = get("encoder/layers/0/attn/proj")
     d = proj0.shape[0] if proj0.ndim == 3 else 0
@@ -225,7 +228,7 @@ def export_weights(params: Mapping[Any, Any], layout: str, path: str | os.PathLi
     notes = compatibility_notes(cfg, layout)
     state_dict = EXPORTERS[layout](params, cfg)
     metadata = {"format": "pt", "layout": layout, "producer": "crate_jax.convert"}
-    proj = _flat(params).get("encoder/layers/0/attn/proj")
+    proj = per_layer_flat(params).get("encoder/layers/0/attn/proj")
     if proj is not None and proj.ndim == 3:
         metadata["heads"] = str(proj.shape[1])
     if name is not None:

@@ -43,6 +43,7 @@ from flax import nnx
 
 from crate_jax import models
 from crate_jax.convert.files import to_numpy
+from crate_jax.models import layer_stack
 from crate_jax.models.config import VisionConfig
 from crate_jax.models.registry import VISION_SIZES
 from crate_jax.models.resize import resize_patch_kernel, resize_posemb
@@ -154,18 +155,9 @@ def _allowed(key: str, allow_extra: Mapping[str, str]) -> str | None:
 
 
 def _nest(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """{'encoder/layers/0/attn/proj': x} → {'encoder': {'layers': {0: {'attn': {'proj': x}}}}}."""
-    out: dict[Any, Any] = {}
-    for path, value in flat.items():
-        parts: list[Any] = path.split("/")
-        for i in range(1, len(parts)):
-            if parts[i - 1] == "layers" and parts[i].isdigit():
-                parts[i] = int(parts[i])
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
+    """{'encoder/layers/0/attn/proj': x, ...} (the converters' per-layer name maps) → the
+    model's nested, stacked layout {'encoder': {'layers': {'attn': {'proj': (L, ...)}}}}."""
+    return layer_stack.stack_layers(layer_stack.nest(flat))
 
 
 def _describe(dims: Mapping[str, Any]) -> str:
@@ -364,9 +356,11 @@ def check_params_fit(make: Callable[[], nnx.Module], params: Mapping[str, Any],
                      what: str) -> None:
     """Raise ConversionError unless `params` has exactly the paths and shapes of `make()`'s."""
     abstract = nnx.eval_shape(make)
-    want = {k: tuple(v.shape) for k, v in
-            models.flat_params(nnx.to_pure_dict(nnx.state(abstract, nnx.Param))).items()}
-    have = {k: tuple(np.shape(v)) for k, v in models.flat_params(params).items()}
+    # compared layer by layer, so that a message names 'encoder/layers/3/sparse/D'
+    want = {k: tuple(v.shape) for k, v in layer_stack.unstack_flat(
+        models.flat_params(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))).items()}
+    have = {k: tuple(np.shape(v)) for k, v in
+            layer_stack.unstack_flat(models.flat_params(params)).items()}
     problems = [f"{k}: missing" for k in want if k not in have]
     problems += [f"{k}: not a model parameter" for k in have if k not in want]
     problems += [f"{k}: {have[k]} vs model {want[k]}" for k in want

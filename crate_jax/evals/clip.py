@@ -17,9 +17,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from crate_jax.models.state import merge_model
 from crate_jax.parallel import batch_sharding, host_batch_to_global, replicated
 from crate_jax.tasks.base import Evaluator
-from crate_jax.train.step import merge_model
 
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
 

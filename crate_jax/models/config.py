@@ -49,6 +49,9 @@ class TowerConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
     remat: str = "none"  # rematerialise each layer: 'none', 'dots' (save matmuls), 'full'
+    # One scanned layer body (compiled once, whatever the depth) or, False, the scan fully
+    # unrolled into per-layer code. The parameters are stacked (L, ...) either way.
+    scan_layers: bool = True
     mlp_activation: str = "gelu"  # ViT MLP: 'gelu' (exact, erf) or 'gelu_tanh' (CLIPA's text)
 
     def __post_init__(self):

@@ -1,5 +1,5 @@
 """Primitives shared by every model: parameters with logical axis names, LayerNorm, Dense,
-patch stems, position embeddings, DropPath and LayerScale.
+patch stems, position embeddings, stochastic depth (DropPath) and LayerScale.
 
 Every parameter is an `nnx.Param` whose `out_sharding` metadata holds *logical* axis names
 (`embed`, `mlp`, `heads`, `kv`, `vocab`, `classes`, or None). The names say what an axis is;
@@ -184,13 +184,27 @@ class PositionEmbedding(nnx.Module):
         return self.embedding[...]
 
 
-class DropPath(nnx.Dropout):
-    """Stochastic depth: zero a whole residual branch per sample with probability `rate`,
-    scale survivors by 1/(1 − rate). Off in `model.eval()` mode."""
+def drop_path(x: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:
+    """Stochastic depth on a residual branch x (B, ...): each sample's whole branch is zeroed
+    with probability `rate` and the survivors scaled by 1/(1 − rate). `rate` may be traced
+    (each scanned layer has its own)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
 
-    def __init__(self, rate: float, *, rngs: nnx.Rngs):
-        # Broadcasting over the token and feature axes drops whole samples.
-        super().__init__(rate, broadcast_dims=(1, 2), rngs=rngs)
+
+class StochasticDepth(nnx.Module):
+    """The DropPath randomness of a layer stack: one key per layer and branch, drawn from
+    the 'dropout' stream; none in `model.eval()` mode (deterministic)."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.deterministic = False
+        self.rngs = rngs["dropout"].fork()
+
+    def keys(self, layers: int) -> jax.Array | None:
+        """(layers, 2) keys, one per residual branch of each layer; None when deterministic."""
+        if self.deterministic:
+            return None
+        return jax.random.split(self.rngs(), (layers, 2))
 
 
 class LayerScale(nnx.Module):

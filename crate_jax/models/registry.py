@@ -18,6 +18,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from crate_jax.models import layer_stack
 from crate_jax.models.config import TextConfig, VisionConfig
 from crate_jax.models.text import TextTransformer
 from crate_jax.models.vision import VisionTransformer
@@ -134,14 +135,8 @@ def create(name: str, *, seed: int = 0, rngs: nnx.Rngs | None = None,
 
 
 def flat_params(tree: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested parameter dict as {'encoder/layers/0/attn/proj': leaf} ('/'-joined paths)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out |= flat_params(value, f"{prefix}{key}/")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    """A nested parameter dict as {'encoder/layers/attn/proj': leaf} ('/'-joined paths)."""
+    return layer_stack.flatten(tree, prefix)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crate_jax.models import layer_stack
+
 __all__ = ["adapt_for_finetune", "resize_patch_kernel", "resize_posemb"]
 
 POSEMB_METHODS = ("bilinear", "bicubic")
@@ -259,6 +261,11 @@ def adapt_for_finetune(source: Mapping, target: Mapping, *, num_prefix: int = 1,
     if posemb_method not in POSEMB_METHODS:
         raise ValueError(f"posemb_method must be one of {list(POSEMB_METHODS)}, got "
                          f"{posemb_method!r}")
+    # Matched layer by layer, whichever layout either side has, so that a message names
+    # 'encoder/layers/3/sparse/D'; the result has the target's layout.
+    stacked = not layer_stack.has_per_layer(target)
+    source = layer_stack.unstack_layers(layer_stack.nest(layer_stack.flatten(source)))
+    target = layer_stack.unstack_layers(target)
     src = {_join(p): v for p, v in _flatten(source).items()}
     tgt = {_join(p): v for p, v in _flatten(target).items()}
 
@@ -354,4 +361,5 @@ def adapt_for_finetune(source: Mapping, target: Mapping, *, num_prefix: int = 1,
     for path, (value, dtype) in values.items():
         value = value() if isinstance(value, functools.partial) else value
         out[path] = value if dtype is None else jnp.asarray(value, dtype=dtype)
-    return _rebuild(target, out), notes
+    adapted = _rebuild(target, out)
+    return (layer_stack.stack_layers(adapted) if stacked else adapted), notes

@@ -1,8 +1,14 @@
-"""The device mesh: axes data × fsdp × tensor, sizes from the config, -1 meaning "the rest".
+"""The device mesh: axes dcn × data × fsdp × tensor, sizes from the config, -1 meaning "the rest".
 
+    dcn     data parallelism across TPU slices joined by the data-centre network (multi-slice):
+            parameters replicated across it, so the slow network carries the gradients'
+            all-reduce (and batch-wide gathers such as the contrastive loss's embeddings),
+            never FSDP's parameter gathers, which stay on a slice's ICI
     data    pure data parallelism: parameters replicated across it
     fsdp    data parallelism with parameters and optimizer state sharded across it (ZeRO-3)
     tensor  tensor parallelism: heads and MLP / dictionary columns split across it
+
+The batch is split over dcn × data × fsdp (crate_jax.parallel.sharding.DEFAULT_RULES).
 """
 
 from __future__ import annotations
@@ -13,9 +19,12 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")
+# jax.make_mesh splits physical axes on these TPU kinds; so does our hybrid mesh
+_SPLIT_PHYSICAL_KINDS = ("TPU v5 lite", "TPU v5e")
 
 
 def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -40,15 +49,47 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int,
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over `devices` (default: all of them, every process) with axes MESH_AXES."""
+    """A mesh over `devices` (default: all of them, every process) with axes MESH_AXES.
+
+    On TPU, and on devices spread over several slices (their `slice_index`: multi-slice TPU,
+    GPUs on several hosts), the mesh is jax's hybrid mesh: each slice an ICI mesh
+    (1, data, fsdp, tensor), the slices stacked along dcn, so dcn must equal the number of
+    slices. Elsewhere (CPU, one GPU host: no slice structure) dcn > 1 is a plain reshape of
+    the devices in their order, dcn the outermost, slowest-varying axis.
+    """
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(shape, len(devices))
-    if len(devices) == len(jax.devices()):
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = _slice_count(devices)
+    if slices is not None and (slices > 1 or sizes[0] > 1):
+        return Mesh(_hybrid_devices(sizes, devices, slices), MESH_AXES, axis_types=axis_types)
+    if sizes[0] == 1 and len(devices) == len(jax.devices()):
         # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
-        return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                             devices=devices)
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES,
-                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=axis_types)
+
+
+def _slice_count(devices: Sequence[jax.Device]) -> int | None:
+    """How many slices the devices span (their slice_index), None when that says nothing:
+    no slice_index (CPU), or one slice of a platform other than TPU (one GPU host)."""
+    if not all(hasattr(d, "slice_index") for d in devices):
+        return None
+    slices = len({d.slice_index for d in devices})
+    return None if slices == 1 and devices[0].platform != "tpu" else slices
+
+
+def _hybrid_devices(sizes: tuple[int, ...], devices: Sequence[jax.Device],
+                    slices: int) -> np.ndarray:
+    """The device array of a multi-slice mesh: ICI shape (1, data, fsdp, tensor) within each
+    slice, DCN shape (dcn, 1, 1, 1) across them."""
+    dcn, *ici = sizes
+    if dcn != slices:
+        raise ValueError(f"mesh.dcn={dcn}, but the {len(devices)} devices span {slices} "
+                         f"slice(s) (their slice_index): set mesh.dcn={slices}, one entry "
+                         "per slice")
+    return mesh_utils.create_hybrid_device_mesh(
+        (1, *ici), (dcn, 1, 1, 1), devices,
+        allow_split_physical_axes=devices[0].device_kind in _SPLIT_PHYSICAL_KINDS)
 
 
 _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",

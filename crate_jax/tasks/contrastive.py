@@ -14,7 +14,6 @@ import logging
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -117,10 +116,10 @@ class ContrastiveTask(Task):
         del rng
         scale, bias = model.scale(), model.logit_bias[...]
         image_emb, text_emb = features["image"], features["text"]
-        loss = contrastive_loss(image_emb, text_emb, scale, bias,
-                                kind=self.config.get("loss", "infonce"))
-        sim = image_emb @ text_emb.T
-        accuracy = jnp.mean(jnp.argmax(sim, axis=1) == jnp.arange(sim.shape[0]))
+        # the accuracy comes from each device's (b × B) block, never a B × B similarity
+        loss, accuracy = contrastive_loss(image_emb, text_emb, scale, bias,
+                                          kind=self.config.get("loss", "infonce"),
+                                          with_accuracy=True)
         return loss, {"temperature_scale": scale, "batch_i2t_accuracy": accuracy}
 
     def loss(self, model, batch, rng):

@@ -12,6 +12,10 @@ per-device batch b, per-device memory grows linearly with the number of devices 
 logits) and the embeddings gathered are only B × e. The gathers are explicit (`jax.shard_map`),
 so the gradients are those of the single-device loss on the concatenated batch: the transpose
 of all_gather is a reduce-scatter that returns every device's share.
+
+The batch top-1 image→text accuracy (`with_accuracy=True`), (1/B) Σ_i [argmax_j x_i·y_j = i],
+comes from the same blocks: each device holds all B texts for its rows, so its rows' argmax
+(first maximum on ties, as jnp.argmax) is the global one, and a psum adds the devices' counts.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("dcn", "data", "fsdp")
 
 
 def _infonce_block(x, y_all, x_all, y, scale, offset):
@@ -43,6 +47,13 @@ def _sigmoid_block(x, y_all, scale, bias, offset):
     return -jnp.sum(jax.nn.log_sigmoid(sign * logits))
 
 
+def _correct_block(x, y_all, offset):
+    """How many of this device's rows have their own text (column offset + row) as the top
+    match among all B texts (the loss block's own product: XLA computes it once)."""
+    best = jnp.argmax(x @ y_all.T, axis=1)
+    return jnp.sum(best == offset + jnp.arange(x.shape[0]), dtype=jnp.int32)
+
+
 def _batch_axes(mesh) -> tuple[str, ...]:
     if mesh is None:
         return ()
@@ -50,8 +61,10 @@ def _batch_axes(mesh) -> tuple[str, ...]:
 
 
 def contrastive_loss(x: jax.Array, y: jax.Array, scale: jax.Array, bias: jax.Array | None = None,
-                     *, kind: str = "infonce", mesh: jax.sharding.Mesh | None = None) -> jax.Array:
-    """The loss of the global batch. `mesh` None: the current mesh (jax.set_mesh), if any."""
+                     *, kind: str = "infonce", mesh: jax.sharding.Mesh | None = None,
+                     with_accuracy: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The loss of the global batch. `mesh` None: the current mesh (jax.set_mesh), if any.
+    `with_accuracy`: (loss, batch top-1 image→text accuracy) instead (the module doc)."""
     if kind not in ("infonce", "sigmoid"):
         raise ValueError(f"loss: must be 'infonce' or 'sigmoid', got {kind!r}")
     x, y = x.astype(jnp.float32), y.astype(jnp.float32)
@@ -64,8 +77,12 @@ def contrastive_loss(x: jax.Array, y: jax.Array, scale: jax.Array, bias: jax.Arr
     global_batch = x.shape[0]
     if not axes:
         if kind == "infonce":
-            return _infonce_block(x, y, x, y, scale, 0) / (2 * global_batch)
-        return _sigmoid_block(x, y, scale, bias, 0) / global_batch
+            loss = _infonce_block(x, y, x, y, scale, 0) / (2 * global_batch)
+        else:
+            loss = _sigmoid_block(x, y, scale, bias, 0) / global_batch
+        if not with_accuracy:
+            return loss
+        return loss, _correct_block(x, y, 0).astype(jnp.float32) / global_batch
 
     def local(x, y, scale, bias):
         offset = jax.lax.axis_index(axes) * x.shape[0]
@@ -75,11 +92,16 @@ def contrastive_loss(x: jax.Array, y: jax.Array, scale: jax.Array, bias: jax.Arr
             total = _infonce_block(x, y_all, x_all, y, scale, offset) / 2
         else:
             total = _sigmoid_block(x, y_all, scale, bias, offset)
-        return jax.lax.psum(total, axes) / global_batch
+        loss = jax.lax.psum(total, axes) / global_batch
+        if not with_accuracy:
+            return loss
+        correct = jax.lax.psum(_correct_block(x, y_all, offset), axes)
+        return loss, correct.astype(jnp.float32) / global_batch
 
     n = math.prod(mesh.shape[a] for a in axes)
     if global_batch % n:
         raise ValueError(f"batch_size={global_batch} is not divisible by the {n} devices of "
                          f"mesh axes {axes}")
+    out_specs = (P(), P()) if with_accuracy else P()
     return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()),
-                         out_specs=P())(x, y, scale, bias)
+                         out_specs=out_specs)(x, y, scale, bias)

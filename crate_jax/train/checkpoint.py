@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from crate_jax.models import layer_stack
 from crate_jax.parallel.mesh import process_files_suffix
 from crate_jax.train.state_digest import compare_digests, state_digest
 
@@ -108,6 +109,13 @@ def _int_keys(tree: Any) -> Any:
         return tree
     return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v)
             for k, v in tree.items()}
+
+
+def _stacked_into(per_layer: Any, abstract: Any) -> Any:
+    """A per-layer tree stacked into the layout and shardings of `abstract` (one jit, so
+    every process builds only its own shards)."""
+    shardings = jax.tree.map(lambda s: s.sharding, abstract)
+    return jax.jit(layer_stack.stack_layers, out_shardings=shardings)(per_layer)
 
 
 class CheckpointDamagedError(RuntimeError):
@@ -206,7 +214,11 @@ class Checkpointer:
         put back where it was and the error is raised."""
         step_dir = self.manager.directory / str(step)
         _check_complete(step_dir)
-        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        target = abstract_state
+        per_layer = self._per_layer(step) and not layer_stack.has_per_layer(abstract_state)
+        if per_layer:  # written before the layers were stacked: read as written, then stack
+            target = layer_stack.unstack_layers(abstract_state)
+        items = dict(state=ocp.args.StandardRestore(target))
         has_digest = (step_dir / "digest").exists()  # checkpoints written before it have none
         if has_digest:
             items["digest"] = ocp.args.JsonRestore()
@@ -215,6 +227,8 @@ class Checkpointer:
             problem = compare_digests(restored["digest"], state_digest(restored["state"]))
             if problem:
                 raise CheckpointDamagedError(f"{step_dir}: {problem}")
+        state = (_stacked_into(restored["state"], abstract_state) if per_layer
+                 else restored["state"])
         if data_iterator is not None:
             before = data_iterator.get_state()
             try:
@@ -224,7 +238,7 @@ class Checkpointer:
                 data_iterator.set_state(before)  # a failed restore must not move the iterator
                 raise
         logging.info("restored checkpoint at step %d", step)
-        return restored["state"]
+        return state
 
     def restore_latest(self, abstract_state: Any,
                        data_iterator: Any | None) -> tuple[int | None, Any]:
@@ -274,22 +288,39 @@ class Checkpointer:
 
     def saved_params(self, step: int | None) -> tuple[int, dict]:
         """(step, the shapes and dtypes of that checkpoint's parameters) from its metadata,
-        as a nested dict of jax.ShapeDtypeStruct; no array is read. None: the latest step."""
+        as a nested dict of jax.ShapeDtypeStruct in the stacked layout of the models (whichever
+        layout it was written in); no array is read. None: the latest step."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
+        return step, layer_stack.stack_layers(self._saved_shapes(step))
+
+    def _saved_shapes(self, step: int) -> dict:
+        """The saved parameters' shapes as written (per-layer in checkpoints from before the
+        layers were stacked)."""
         saved = self.manager.item_metadata(step)["state"]
         if "params" not in saved:
             raise ValueError(f"checkpoint {self.manager.directory}/{step} holds no 'params'")
         shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
                               dict(saved["params"]))
-        return step, _int_keys(shapes)
+        return _int_keys(shapes)
+
+    def _per_layer(self, step: int) -> bool:
+        try:
+            return layer_stack.has_per_layer(self._saved_shapes(step))
+        except (ValueError, KeyError, TypeError):
+            return False  # no readable metadata: the restore itself reports what is wrong
 
     def restore_param_subset(self, step: int, target: Any) -> Any:
         """The parameter leaves named in `target` (a nested dict of jax.ShapeDtypeStruct with
         .sharding, any subset of the saved parameters), read straight into those shardings:
         every process reads only its own shards, and the rest of the state (optimizer
-        moments, other parameters) is not read at all (orbax partial restore)."""
+        moments, other parameters) is not read at all (orbax partial restore). A checkpoint
+        written per layer is read per layer and stacked into `target`'s layout."""
+        wanted = target
+        per_layer = self._per_layer(step) and not layer_stack.has_per_layer(target)
+        if per_layer:
+            target = layer_stack.unstack_layers(target)
         item = {"params": _str_keys(target)}
         restore_args = jax.tree.map(
             lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
@@ -299,7 +330,8 @@ class Checkpointer:
         restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
             path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                               partial_restore=True))
-        return _int_keys(restored["params"])
+        params = _int_keys(restored["params"])
+        return _stacked_into(params, wanted) if per_layer else params
 
     def restore_params(self, step: int | None, sharding: jax.sharding.Sharding) -> Any:
         """The parameters of a checkpoint with their saved shapes, placed with `sharding`

@@ -19,34 +19,30 @@ import dataclasses
 import json
 import math
 import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from etils import epath
-from flax import nnx
 
-from crate_jax import config_check, perf, tasks
+from crate_jax import config_check
 from crate_jax.parallel import (
     DEFAULT_RULES,
-    batch_sharding,
+    format_undivided,
     host_batch_to_global,
     make_mesh,
     maybe_initialize_distributed,
-    param_shardings,
-    replicated,
 )
 from crate_jax.parallel.sharding import data_parallel_size
-from crate_jax.train import logfile, optim, signals
+from crate_jax.train import logfile, signals
 from crate_jax.train.checkpoint import Checkpointer
 from crate_jax.train.finetune import finetune_params, load_towers
 from crate_jax.train.metrics import MetricWriter, Throughput, progress_line
-from crate_jax.train.step import group_counts, split_frozen, task_train_step
+from crate_jax.train.state import TrainState, build_train_state
+from crate_jax.train.step import group_counts
 
 # Settings that may change when a run resumes; any other difference is an error. Raising
 # total_steps extends a run: the learning-rate schedule stays the one optim.total_steps
@@ -54,6 +50,11 @@ from crate_jax.train.step import group_counts, split_frozen, task_train_step
 RESUME_SAFE_KEYS = ("total_steps", "log_every", "eval_every", "checkpoint.every", "profile",
                     "wandb_project", "tensorboard", "measure_flops", "data.num_workers",
                     "checkpoint.keep", "checkpoint.async_save", "eval_batch_size")
+
+
+# Keys added since runs were first written, at the value that means what their absence
+# meant: a saved config without them resumes.
+ADDED_KEY_DEFAULTS = {"mesh.dcn": 1}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -73,6 +74,9 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path)
     if path.exists():
         saved = _flatten(json.loads(path.read_text()))
         new = _flatten(resolved)
+        for key, default in ADDED_KEY_DEFAULTS.items():
+            if key not in saved and new.get(key) == default:
+                saved[key] = default
         differs = sorted(k for k in set(saved) | set(new)
                          if saved.get(k) != new.get(k)
                          and not any(k == s or k.startswith(s + ".") for s in RESUME_SAFE_KEYS))
@@ -90,12 +94,11 @@ def save_workdir_config(resolved: dict, workdir: epath.Path) -> None:
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
 
 
-def _check_batch(config, mesh) -> int:
+def _check_batch(config, mesh, rules) -> int:
     """The per-process batch size, after checking that everything divides it."""
-    batch, dp = config.batch_size, data_parallel_size(mesh, config.get("sharding_rules") or
-                                                      DEFAULT_RULES)
+    batch, dp = config.batch_size, data_parallel_size(mesh, rules)
     accum = config.get("grad_accum_steps", 1)
-    for divisor, what in ((dp, f"the {dp} data-parallel devices (mesh data × fsdp)"),
+    for divisor, what in ((dp, f"the {dp} data-parallel devices (mesh dcn × data × fsdp)"),
                           (jax.process_count(), f"the {jax.process_count()} processes"),
                           (accum * dp, f"grad_accum_steps={accum} × {dp} devices")):
         if batch % divisor:
@@ -155,109 +158,52 @@ class _Run:
 
     config: ml_collections.ConfigDict
     workdir: epath.Path
-    task: tasks.Task
-    mesh: jax.sharding.Mesh
-    rules: dict
+    state: TrainState  # the abstract state, its shardings, the optimizer and the step
     local_batch: int
-    graphdef: nnx.GraphDef
-    p_shard: Any
-    frozen: tuple[str, ...]
     resolved: dict
     stop: _StopSignal
     rest: Any = None
-    tx: Any = None
-    state_shard: Any = None
     train_step: Any = None
     train_iter: Any = None
     evaluators: list = dataclasses.field(default_factory=list)
     checkpointer: Checkpointer | None = None
     writer: MetricWriter | None = None
 
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self.state.mesh
+
 
 def _setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
     """Every check that needs no parameters: values, task, mesh, batch, the model's shapes,
     the saved config of a run to resume. Nothing is written."""
     config_check.validate(config)
-    task = tasks.get(config.trainer)(config)
     mesh = make_mesh(config.get("mesh", {"fsdp": -1}))
     rules = {**DEFAULT_RULES, **dict(config.get("sharding_rules") or {})}
-    local_batch = _check_batch(config, mesh)
-    # Abstract shapes first, outside the mesh context: the parameters' out_sharding metadata
-    # holds logical names, which only our rules (not nnx) translate into mesh axes.
-    abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
-    graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
-    p_shard = param_shardings(abstract_params, mesh, rules)
-    frozen = tuple(config.get("freeze") or ())
-    split_frozen(nnx.to_pure_dict(abstract_params), frozen)  # unknown groups: an error now
+    local_batch = _check_batch(config, mesh, rules)
+    state = build_train_state(config, mesh)
+    if state.undivided and jax.process_index() == 0:
+        logging.warning("%s", format_undivided(state.undivided))
     resolved = check_workdir_config(config, workdir)
-    return _Run(config, workdir, task, mesh, rules, local_batch, graphdef, p_shard, frozen,
-                resolved, _StopSignal())
-
-
-def _init_params(run: _Run) -> dict:
-    """Fresh parameters in their shardings; sets run.rest, run.tx and run.state_shard."""
-    config = run.config
-
-    def init():
-        model = run.task.build_model(nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-        _, params, rest = nnx.split(model, nnx.Param, ...)
-        return nnx.to_pure_dict(params), rest
-
-    params, run.rest = jax.jit(init, out_shardings=(run.p_shard, replicated(run.mesh)))()
-    trainable, _ = split_frozen(params, run.frozen)
-    run.tx = optim.make_optimizer(config.optim, trainable, num_layers=run.task.num_layers())
-    abstract_opt = jax.eval_shape(run.tx.init, trainable)
-    opt_shard = optax.tree_map_params(run.tx, lambda _, s: s, abstract_opt,
-                                      split_frozen(run.p_shard, run.frozen)[0],
-                                      transform_non_params=lambda _: replicated(run.mesh))
-    run.state_shard = {"step": replicated(run.mesh), "params": run.p_shard,
-                       "opt_state": opt_shard}
-    return params
-
-
-def _compile_step(run: _Run, params: dict) -> tuple[float, float]:
-    """Compiles the train step ahead of time from shapes; returns (seconds, FLOPs of one
-    step for the global batch, from XLA's cost analysis of that same executable)."""
-    config = run.config
-    trainable = split_frozen(params, run.frozen)[0]
-    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
-                "opt_state": jax.eval_shape(run.tx.init, trainable)}
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract, run.state_shard)
-    step_fn = task_train_step(run.task, config, run.graphdef, run.tx,
-                              optim.make_schedule(config.optim), run.frozen)
-    b_shard = batch_sharding(run.mesh, run.rules)
-    jitted = jax.jit(step_fn, in_shardings=(run.state_shard, replicated(run.mesh), b_shard),
-                     out_shardings=(run.state_shard, replicated(run.mesh)), donate_argnums=(0,))
-    example = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct((config.batch_size, *x.shape[1:]), x.dtype,
-                                       sharding=b_shard),
-        run.task.example_batch(run.local_batch))
-    t0 = time.perf_counter()
-    run.train_step = jitted.lower(abstract, run.rest, example).compile()
-    seconds = time.perf_counter() - t0
-    flops = perf.step_flops(run.train_step) if config.get("measure_flops", True) else 0.0
-    return seconds, flops
+    return _Run(config, workdir, state, local_batch, resolved, _StopSignal())
 
 
 def _initial_state(run: _Run, params: dict) -> tuple[dict, int]:
     """The state to start from: the newest readable checkpoint, or fresh (finetuned or
     tower-loaded) parameters with a new optimizer state."""
-    config, mesh = run.config, run.mesh
-    if config.get("init_from") and run.checkpointer.latest_step() is None:
-        params = finetune_params(config, params, run.p_shard, mesh)
-    if config.get("init_towers") and run.checkpointer.latest_step() is None:
-        params = load_towers(config.init_towers, params, run.p_shard)
+    config, built = run.config, run.state
+    fresh = run.checkpointer.latest_step() is None
+    if config.get("init_from") and fresh:
+        params = finetune_params(config, params, built.param_shardings, run.mesh)
+    if config.get("init_towers") and fresh:
+        params = load_towers(config.init_towers, params, built.param_shardings)
     loaded = config.get("init_from") or config.get("init_towers")
-    if run.frozen and not loaded and run.checkpointer.latest_step() is None:
+    if built.frozen and not loaded and fresh:
         logging.warning("freeze: %s stay at their random initialisation (no init_towers or "
-                        "init_from loads them)", ", ".join(run.frozen))
-    opt_state = jax.jit(run.tx.init, out_shardings=run.state_shard["opt_state"])(
-        split_frozen(params, run.frozen)[0])
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
-    abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, run.state_shard)
-    start, restored = run.checkpointer.restore_latest(abstract_state, run.train_iter)
+                        "init_from loads them)", ", ".join(built.frozen))
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": built.init_opt_state(params)}
+    start, restored = run.checkpointer.restore_latest(built.abstract_state, run.train_iter)
     if start is None:
         return state, 0
     print(f"resumed from step {start} in {run.workdir}", flush=True)
@@ -267,7 +213,7 @@ def _initial_state(run: _Run, params: dict) -> tuple[dict, int]:
 def _evaluate(run: _Run, state: dict, step: int) -> dict[str, float]:
     results: dict[str, float] = {}
     for evaluator in run.evaluators:
-        results.update(evaluator.run(run.graphdef, state["params"], run.rest, run.mesh))
+        results.update(evaluator.run(run.state.graphdef, state["params"], run.rest, run.mesh))
     run.writer.write(step, results)
     if jax.process_index() == 0:
         print(f"eval @ {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()
@@ -292,7 +238,7 @@ def _train(run: _Run, state: dict, start: int, throughput: Throughput
     for step in range(start, total):
         if step == profile_start:
             jax.profiler.start_trace(str(run.workdir / "profile"))
-        batch = host_batch_to_global(next(run.train_iter), run.mesh, run.rules)
+        batch = host_batch_to_global(next(run.train_iter), run.mesh, run.state.rules)
         state, metrics = run.train_step(state, run.rest, batch)
         if pending is not None:
             _check_finite(pending[1], pending[0], state, last_saved)
@@ -334,8 +280,42 @@ def _header(run: _Run, params: dict, start: int, compile_s: float, flops: float)
     print(f"{config.trainer}: {name}, {sum(x.size for x in jax.tree.leaves(params)):,} "
           f"parameters, mesh {dict(run.mesh.shape)}, batch {config.batch_size}, steps "
           f"{start}→{config.total_steps}, compiled in {compile_s:.1f}s{gflops}", flush=True)
-    if run.frozen:
-        print("trainable parameters by group: " + group_counts(params, run.frozen), flush=True)
+    if run.state.frozen:
+        print("trainable parameters by group: " + group_counts(params, run.state.frozen),
+              flush=True)
+
+
+def _open_outputs(run: _Run) -> None:
+    """Create the workdir: config.json, the log file, the checkpointer, the metric writers."""
+    config, workdir = run.config, run.workdir
+    save_workdir_config(run.resolved, workdir)
+    logfile.attach(str(workdir), jax.process_index())
+    run.checkpointer = Checkpointer(
+        workdir / "checkpoints", keep=config.checkpoint.get("keep", 2),
+        keep_best=config.checkpoint.get("keep_best", 1),
+        best_metric=config.checkpoint.get("best_metric"),
+        best_mode=config.checkpoint.get("best_mode", "max"),
+        async_save=config.checkpoint.get("async_save", True))
+    run.writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True),
+                              wandb_project=config.get("wandb_project"), config=config.to_dict())
+
+
+def _run_from(run: _Run, params: dict, compile_s: float, flops: float
+              ) -> tuple[dict, dict[str, float]]:
+    """Resume or start, then train to total_steps; (final state, last evaluation)."""
+    config = run.config
+    state, start = _initial_state(run, params)
+    _header(run, params, start, compile_s, flops)
+    if run.stop.should_stop(start):
+        print(f"stopping at startup after a termination signal; nothing new to save "
+              f"(the same command resumes from step {start})", flush=True)
+        return state, {}
+    throughput = Throughput(batch_size=config.batch_size, flops_per_step=flops,
+                            total_steps=config.total_steps, start_step=start)
+    state, final = _train(run, state, start, throughput)
+    if not final and run.evaluators and start >= config.total_steps:
+        final = _evaluate(run, state, start)  # a finished run, started again
+    return state, final
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -348,35 +328,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
     run = _setup(config, workdir)
     with jax.set_mesh(run.mesh):
-        params = _init_params(run)
-        run.train_iter = run.task.train_data(run.local_batch, seed=config.seed)
-        run.evaluators = run.task.evaluators()
-        compile_s, flops = _compile_step(run, params)
+        params, run.rest = run.state.init_params()
+        run.train_iter = run.state.task.train_data(run.local_batch, seed=config.seed)
+        run.evaluators = run.state.task.evaluators()
+        run.train_step, compile_s, flops = run.state.compile(config.get("measure_flops", True))
         # --- nothing was written before this point ---
-        save_workdir_config(run.resolved, workdir)
-        logfile.attach(str(workdir), jax.process_index())
-        run.checkpointer = Checkpointer(
-            workdir / "checkpoints", keep=config.checkpoint.get("keep", 2),
-            keep_best=config.checkpoint.get("keep_best", 1),
-            best_metric=config.checkpoint.get("best_metric"),
-            best_mode=config.checkpoint.get("best_mode", "max"),
-            async_save=config.checkpoint.get("async_save", True))
-        run.writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True),
-                                  wandb_project=config.get("wandb_project"),
-                                  config=config.to_dict())
+        _open_outputs(run)
         try:
-            state, start = _initial_state(run, params)
-            _header(run, params, start, compile_s, flops)
-            final: dict[str, float] = {}
-            if run.stop.should_stop(start):
-                print(f"stopping at startup after a termination signal; nothing new to save "
-                      f"(the same command resumes from step {start})", flush=True)
-            else:
-                throughput = Throughput(batch_size=config.batch_size, flops_per_step=flops,
-                                        total_steps=config.total_steps, start_step=start)
-                state, final = _train(run, state, start, throughput)
-                if not final and run.evaluators and start >= config.total_steps:
-                    final = _evaluate(run, state, start)  # a finished run, started again
+            state, final = _run_from(run, params, compile_s, flops)
         finally:
             run.checkpointer.close()
             run.writer.close()

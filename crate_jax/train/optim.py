@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -128,6 +129,15 @@ def _ndim(leaf: Any) -> int:
     return len(shape) if shape is not None else jnp.ndim(leaf)
 
 
+def _stacked(names: tuple) -> bool:
+    """Whether the leaf at `names` is a stacked layer parameter (leading axis = layers):
+    below 'encoder/layers' with no layer index after it."""
+    for a, b, c in zip(names, names[1:], names[2:], strict=False):
+        if a == "encoder" and b == "layers":
+            return _as_int(c) is None
+    return False
+
+
 def _as_int(key: Any) -> int | None:
     if isinstance(key, int) and not isinstance(key, bool):
         return key
@@ -142,7 +152,8 @@ def decay_mask(params: Any) -> Any:
 
     def decayed(path: tuple, leaf: Any) -> bool:
         names = _names(path)
-        if _ndim(leaf) < 2 or any(n in NO_DECAY_KEYS for n in names if isinstance(n, str)):
+        ndim = _ndim(leaf) - _stacked(names)  # a stacked leaf's layer axis is not a matrix's
+        if ndim < 2 or any(n in NO_DECAY_KEYS for n in names if isinstance(n, str)):
             return False
         return not (names and isinstance(names[-1], str) and names[-1].endswith("bias"))
 
@@ -152,14 +163,21 @@ def decay_mask(params: Any) -> Any:
 def layer_ids(params: Any, num_layers: int) -> Any:
     """Depth of each leaf for layer-wise lr decay: embeddings and stem 0, `encoder/layers/i`
     i + 1, everything else (final norm, head, projections, logit_scale) num_layers + 1.
-    Each tower ('image', 'text', ...) counts its own layers."""
+    A stacked leaf ('encoder/layers/attn/proj', (L, ...)) gets the array 1 … L, shaped to
+    broadcast over its layer axis. Each tower ('image', 'text', ...) counts its own layers."""
     if (isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral)
             or num_layers < 0):
         raise ValueError(f"num_layers must be an int >= 0, got {num_layers!r}")
     num_layers = int(num_layers)
 
-    def layer_id(path: tuple, leaf: Any) -> int:
+    def layer_id(path: tuple, leaf: Any) -> int | np.ndarray:
         names = _names(path)
+        if _stacked(names):
+            depth = leaf.shape[0]
+            if depth > num_layers:
+                raise ValueError(f"{'/'.join(map(str, names))}: {depth} stacked layers but "
+                                 f"num_layers={num_layers}")
+            return np.arange(1, depth + 1).reshape((depth,) + (1,) * (_ndim(leaf) - 1))
         for a, b, c in zip(names, names[1:], names[2:], strict=False):
             index = _as_int(c)
             if a == "encoder" and b == "layers" and index is not None:
@@ -175,9 +193,14 @@ def layer_ids(params: Any, num_layers: int) -> Any:
 
 
 def layer_scales(params: Any, num_layers: int, layer_decay: float) -> Any:
-    """layer_decay ** (num_layers + 1 - layer_id) per leaf (Python floats)."""
-    return jax.tree.map(lambda i: float(layer_decay ** (num_layers + 1 - i)),
-                        layer_ids(params, num_layers))
+    """layer_decay ** (num_layers + 1 - layer_id) per leaf (Python floats; float32 arrays
+    for stacked layer leaves)."""
+    def scale(i):
+        if isinstance(i, np.ndarray):
+            return (layer_decay ** (num_layers + 1 - i)).astype(np.float32)
+        return float(layer_decay ** (num_layers + 1 - i))
+
+    return jax.tree.map(scale, layer_ids(params, num_layers))
 
 
 def scale_by_tree(scales: Any) -> optax.GradientTransformation:

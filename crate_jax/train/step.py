@@ -8,6 +8,7 @@ fold_in(key(seed), step), so a resumed run draws exactly what an uninterrupted o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -16,20 +17,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from crate_jax.models.state import merge_model  # still importable from here
+
 LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
-
-
-def merge_model(graphdef: nnx.GraphDef, params: dict, rest: nnx.State, *,
-                train: bool, rng: jax.Array | None = None) -> nnx.Module:
-    """The module for these parameters, in train or eval mode, its dropout streams seeded."""
-    model = nnx.merge(graphdef, params, rest)
-    if train:
-        model.train()
-        if rng is not None:
-            nnx.reseed(model, dropout=rng)
-    else:
-        model.eval()
-    return model
 
 
 def split_microbatches(batch: dict, accum_steps: int) -> dict:
@@ -49,9 +39,14 @@ def split_frozen(params: dict, frozen: tuple[str, ...]) -> tuple[dict, dict]:
     unknown = sorted(f for f in frozen if not any(p == f or p.startswith(f + "/")
                                                   for p in paths))
     if unknown:
+        stacked = any(re.search(r"encoder/layers/\d+", f) for f in unknown)
         raise ValueError(f"freeze: {unknown} name no parameters; a path is a top-level group "
                          f"({sorted(params)}) or any '/'-path below one, e.g. "
-                         f"{paths[0] if paths else 'text/encoder'!r}")
+                         f"{paths[0] if paths else 'text/encoder'!r}" + (
+                             ". The layers are stacked (one array per parameter, leading "
+                             "axis = layer), so a single layer cannot be frozen; freeze "
+                             "'…/encoder/layers' or a part of every layer such as "
+                             "'…/encoder/layers/attn'" if stacked else ""))
     wanted = set(frozen)
 
     def part(tree: dict, prefix: str) -> tuple[dict, dict]:

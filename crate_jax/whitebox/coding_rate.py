@@ -175,8 +175,8 @@ def measure(model, images, *, normalization: Normalization = "reference",
     _check_normalization(normalization)
     if inter is None:
         _, inter = model(images, collect=True)
-    layers = list(model.encoder.layers)
-    depth = len(layers)
+    depth = model.encoder.depth
+    layers = [model.encoder.layer(i) for i in range(depth)]
     points = [inter["tokens_in"], *[inter["tokens_out"][i] for i in range(depth)]]
     start = 0 if include_cls else 1
     heads, rates = [], []
