@@ -421,6 +421,94 @@ def _line(a: Result, b: Result) -> tuple[float, float] | None:
     return a.peak_bytes - slope * a.micro_batch, slope
 
 
+def _faster(a: Result | None, b: Result | None) -> Result | None:
+    """The better of two fitting settings: lighter remat first, then fewer micro-batches,
+    then the larger batch."""
+    fitting = [r for r in (a, b) if r is not None and r.fits]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda r: (REMAT_ORDER.index(r.remat), r.grad_accum_steps,
+                                       -r.batch_size))
+
+
+@dataclasses.dataclass
+class _Trials:
+    """The compiles of one search, at most `max_compiles`, none repeated."""
+
+    config: object
+    mesh_shape: dict[str, int]
+    usable: int
+    max_compiles: int
+    report: object
+    devices: object
+    results: list = dataclasses.field(default_factory=list)
+
+    def __call__(self, batch_size: int, accum: int, remat: str) -> Result | None:
+        dp = _data_parallel(self.mesh_shape)
+        if len(self.results) >= self.max_compiles or batch_size % (dp * accum):
+            return None
+        for r in self.results:
+            if (r.batch_size, r.grad_accum_steps, r.remat) == (batch_size, accum, remat):
+                return r
+        r = compile_step(with_settings(self.config, batch_size=batch_size, accum=accum,
+                                       remat=remat), self.mesh_shape, self.devices)
+        r.fits = r.peak_bytes <= self.usable and not r.note
+        self.results.append(r)
+        self.report(r)
+        return r
+
+
+def _search_remat(trial: _Trials, current: Result, best: Result | None):
+    """Step 1: heavier policies until one fits, or one lighter when it fits already."""
+    batch, accum = current.batch_size, current.grad_accum_steps
+    index = REMAT_ORDER.index(current.remat)
+    if not current.fits:
+        for heavier in REMAT_ORDER[index + 1:]:
+            r = trial(batch, accum, heavier)
+            if r is None:
+                break
+            current, best = r, _faster(r, best)
+            if r.fits:
+                break
+    elif index > 0:
+        r = trial(batch, accum, REMAT_ORDER[index - 1])
+        if r is not None and r.fits:
+            current, best = r, _faster(r, best)
+    return current, best
+
+
+def _second_size(trial: _Trials, current: Result, best: Result | None, per_device: int):
+    batch, accum, remat = current.batch_size, current.grad_accum_steps, current.remat
+    if best is None:  # halve the micro-batch
+        return trial(batch, accum * 2, remat) if per_device // accum >= 2 else None
+    if accum > 1:  # the same global batch in fewer, larger micro-batches
+        return trial(batch, accum // 2, remat)
+    return trial(batch * 2, 1, remat)  # a larger per-device batch: reported, not prescribed
+
+
+def _predict(trial: _Trials, current: Result, second: Result, best: Result | None,
+             per_device: int):
+    """Step 2's straight line through two peaks: (prediction, best after checking it)."""
+    line = _line(current, second)
+    if line is None:
+        return None, best
+    batch, accum, remat = current.batch_size, current.grad_accum_steps, current.remat
+    fixed, slope = line
+    micro = int((trial.usable - fixed) // slope)
+    predicted = {"remat": remat, "fixed_bytes": fixed, "bytes_per_example": slope,
+                 "largest_micro_batch": max(micro, 0)}
+    if micro >= 1 and best is None:
+        k = accum  # the fewest micro-batches (a power of two) whose size fits
+        while per_device // k > micro and per_device // k > 1:
+            k *= 2
+        predicted["grad_accum_steps"] = k
+        check = trial(batch, k, remat)
+        if check is not None and not check.fits and per_device // k > 1:
+            check = trial(batch, k * 2, remat)
+        best = _faster(check, best)
+    return predicted, best
+
+
 def search(config, mesh_shape, usable: int, max_compiles: int, report,
            devices=None, remat_search: bool = True) -> Plan:
     """Compile the config as given, then spend the remaining compiles (see the module doc):
@@ -432,80 +520,22 @@ def search(config, mesh_shape, usable: int, max_compiles: int, report,
        through the two peaks predicts the largest micro-batch that fits; a compile left over
        checks the prediction.
     `report(result)` is called after every compile."""
-    dp = _data_parallel(mesh_shape)
-    results: list[Result] = []
-
-    def trial(batch_size: int, accum: int, remat: str) -> Result | None:
-        if len(results) >= max_compiles or batch_size % (dp * accum):
-            return None
-        for r in results:
-            if (r.batch_size, r.grad_accum_steps, r.remat) == (batch_size, accum, remat):
-                return r
-        r = compile_step(with_settings(config, batch_size=batch_size, accum=accum,
-                                       remat=remat), mesh_shape, devices)
-        r.fits = r.peak_bytes <= usable and not r.note
-        results.append(r)
-        report(r)
-        return r
-
-    def faster(a: Result | None, b: Result | None) -> Result | None:
-        """The better of two fitting settings: lighter remat first, then fewer micro-batches,
-        then the larger batch."""
-        fitting = [r for r in (a, b) if r is not None and r.fits]
-        if not fitting:
-            return None
-        return min(fitting, key=lambda r: (REMAT_ORDER.index(r.remat), r.grad_accum_steps,
-                                           -r.batch_size))
-
-    batch, accum = config.batch_size, config.get("grad_accum_steps", 1)
-    current = trial(batch, accum, config_remat(config))
-    best = faster(current, None)
-    index = REMAT_ORDER.index(current.remat)
-    if not remat_search:
-        pass
-    elif not current.fits:
-        for heavier in REMAT_ORDER[index + 1:]:
-            r = trial(batch, accum, heavier)
-            if r is None:
-                break
-            current, best = r, faster(r, best)
-            if r.fits:
-                break
-    elif index > 0:
-        r = trial(batch, accum, REMAT_ORDER[index - 1])
-        if r is not None and r.fits:
-            current, best = r, faster(r, best)
-
-    remat = current.remat
-    per_device = batch // dp
-    if best is None:  # halve the micro-batch
-        second = trial(batch, accum * 2, remat) if per_device // accum >= 2 else None
-    elif accum > 1:  # the same global batch in fewer, larger micro-batches
-        second = trial(batch, accum // 2, remat)
-    else:  # a larger per-device batch (a different recipe: reported, not prescribed)
-        second = trial(batch * 2, 1, remat)
+    trial = _Trials(config, mesh_shape, usable, max_compiles, report, devices)
+    batch = config.batch_size
+    current = trial(batch, config.get("grad_accum_steps", 1), config_remat(config))
+    best = _faster(current, None)
+    if remat_search:
+        current, best = _search_remat(trial, current, best)
+    per_device = batch // _data_parallel(mesh_shape)
+    second = _second_size(trial, current, best, per_device)
     if second is not None and second.batch_size == batch:
-        best = faster(second, best)
+        best = _faster(second, best)
     predicted = None
-    line = _line(current, second) if second is not None else None
-    if line is not None:
-        fixed, slope = line
-        micro = int((usable - fixed) // slope)
-        predicted = {"remat": remat, "fixed_bytes": fixed, "bytes_per_example": slope,
-                     "largest_micro_batch": max(micro, 0)}
-        if micro >= 1 and best is None:
-            # the fewest micro-batches (a power of two) whose size fits
-            k = accum
-            while per_device // k > micro and per_device // k > 1:
-                k *= 2
-            predicted["grad_accum_steps"] = k
-            check = trial(batch, k, remat)
-            if check is not None and not check.fits and per_device // k > 1:
-                check = trial(batch, k * 2, remat)
-            best = faster(check, best)
-    fitting = [r for r in results if r.fits]
+    if second is not None:
+        predicted, best = _predict(trial, current, second, best, per_device)
+    fitting = [r for r in trial.results if r.fits]
     largest = max(fitting, key=lambda r: r.micro_batch) if fitting else None
-    return Plan(results, best, largest, predicted)
+    return Plan(trial.results, best, largest, predicted)
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -643,7 +673,8 @@ def main(argv: list[str]) -> None:
         os._exit(0)
 
 
-def run() -> None:
+def _flag_meshes() -> tuple[list[dict[str, int]], list[str], int, int]:
+    """(meshes, their flag texts, device count, device memory) from the flags."""
     if not _MESH.value:
         raise PlanError("--mesh is required, e.g. --mesh=fsdp:64 (repeat it to compare meshes)")
     texts = list(_MESH.value)
@@ -662,7 +693,12 @@ def run() -> None:
         raise PlanError(f"--headroom={_HEADROOM.value}: a fraction in [0, 1)")
     if _MAX_COMPILES.value < 1:
         raise PlanError(f"--max-compiles={_MAX_COMPILES.value}: at least 1")
-    usable = int(memory * (1 - _HEADROOM.value))
+    return meshes, texts, devices, memory
+
+
+def _flag_config(meshes: list[dict[str, int]], texts: list[str]):
+    """The config with --batch-size, --grad-accum-steps and --remat applied, checked against
+    every mesh."""
     if _CONFIG.value is None:
         raise PlanError("--config is required, e.g. --config=configs/clipa_h14.py")
     config = copy.deepcopy(_CONFIG.value)
@@ -679,21 +715,35 @@ def run() -> None:
         config = with_settings(config, batch_size=config.batch_size,
                                accum=config.get("grad_accum_steps", 1), remat=_REMAT.value)
     for shape, text in zip(meshes, texts, strict=True):
-        dp = shape.get("dcn", 1) * shape.get("data", 1) * shape.get("fsdp", 1)
-        accum = config.get("grad_accum_steps", 1)
+        dp, accum = _data_parallel(shape), config.get("grad_accum_steps", 1)
         if config.batch_size % (dp * accum):
             raise PlanError(f"--batch-size={config.batch_size} (or the config's batch_size) "
                             f"is not divisible by the {dp} data-parallel devices of "
                             f"--mesh={text} × grad_accum_steps {accum}")
-    target_devices = None
-    if _TARGET.value == "tpu":
-        if not _ACCELERATOR.value:
-            raise PlanError("--target=tpu needs --accelerator (the TPU type), e.g. v4-64")
-        start_fake_devices(1, fast=False)  # the XLA flag would reach the TPU compiler too
-        target_devices = tpu_target_devices(_ACCELERATOR.value)
-    else:
-        start_fake_devices(devices, _FAST.value)
+    return config
 
+
+def _target_devices(devices: int):
+    """The TPU compiler's devices for --target=tpu; else start `devices` fake CPU ones."""
+    if _TARGET.value != "tpu":
+        start_fake_devices(devices, _FAST.value)
+        return None
+    if not _ACCELERATOR.value:
+        raise PlanError("--target=tpu needs --accelerator (the TPU type), e.g. v4-64")
+    start_fake_devices(1, fast=False)  # the XLA flag would reach the TPU compiler too
+    return tpu_target_devices(_ACCELERATOR.value)
+
+
+def run() -> None:
+    meshes, texts, devices, memory = _flag_meshes()
+    usable = int(memory * (1 - _HEADROOM.value))
+    config = _flag_config(meshes, texts)
+    target_devices = _target_devices(devices)
+    _plan_meshes(config, meshes, devices, memory, usable, target_devices)
+
+
+def _plan_meshes(config, meshes, devices: int, memory: int, usable: int,
+                 target_devices) -> None:
     name = config.model.get("name") or f"{config.model.get('image')} + {config.model.get('text')}"
     where = (f"{devices} fake CPU devices (an XLA:CPU estimate, about the memory of remat "
              "'none'; --target=tpu is exact for a TPU)" if target_devices is None else

@@ -74,4 +74,4 @@ def test_the_import_reader_sees_imports():
     assert "crate_jax.models.state.merge_model" in evals_clip
     assert "crate_jax.tasks.base" in evals_clip
     assert "crate_jax.evals.clip" in _imported(PACKAGE / "data" / "image_text.py")  # lazy
-    assert "crate_jax.tasks" in _imported(PACKAGE / "train" / "loop.py")
+    assert "crate_jax.tasks" in _imported(PACKAGE / "train" / "state.py")

@@ -94,3 +94,27 @@ def test_a_per_layer_checkpoint_restores_into_the_stacked_layout(tmp_path):
     np.testing.assert_array_equal(subset["encoder"]["layers"]["sparse"]["D"],
                                   state["params"]["encoder"]["layers"]["sparse"]["D"])
     reader.close()
+
+
+def test_the_state_builder_names_parameters_the_mesh_leaves_replicated():
+    """build_train_state (trainer, planner and tests share it) reports each parameter
+    dimension the mesh does not divide: the demo's 4-class head on 4 tensor shards divides,
+    on 8 it cannot."""
+    import os
+    import sys
+
+    from crate_jax.train.state import build_train_state
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "configs"))
+    import demo_classification
+
+    config = demo_classification.get_config("smoke")
+    state = build_train_state(config, make_mesh({"tensor": 8}))
+    head = [line for line in state.undivided if line.startswith("head/")]
+    assert head and "tensor" in head[0], state.undivided
+    d = state.abstract_state["params"]["encoder"]["layers"]["sparse"]["D"]
+    assert d.sharding.spec[0] is None  # the stacked layer axis
+    opt_leaves = jax.tree.leaves(state.abstract_state["opt_state"])
+    assert all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
+               for x in opt_leaves)

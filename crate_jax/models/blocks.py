@@ -85,7 +85,9 @@ class MSSA(nnx.Module):
 
     def project(self, z: jax.Array) -> jax.Array:
         """W = LN(Z)·U as (B, N, K, p): the subspace coordinates the coding rate is measured on."""
-        return jnp.einsum("bnd,dhk->bnhk", self.norm(z), self.proj[...].astype(self.dtype))
+        rows = self.norm(z).reshape(-1, z.shape[-1])  # tokens as rows: see ODL.__call__
+        w = jnp.einsum("nd,dhk->nhk", rows, self.proj[...].astype(self.dtype))
+        return w.reshape(*z.shape[:-1], *w.shape[1:])
 
     def __call__(self, z: jax.Array, *, key_mask: jax.Array | None = None,
                  is_causal: bool = False, return_attention: bool = False):
@@ -93,7 +95,8 @@ class MSSA(nnx.Module):
         heads_out, attn = attend(w, w, w, key_mask=key_mask, is_causal=is_causal,
                                  implementation=self.attention_impl,
                                  return_weights=return_attention)
-        o = jnp.einsum("bnhk,hkd->bnd", heads_out, self.out[...].astype(self.dtype))
+        o = jnp.einsum("nhk,hkd->nd", heads_out.reshape(-1, *heads_out.shape[-2:]),
+                       self.out[...].astype(self.dtype)).reshape(z.shape)
         if self.out_bias is not None:
             o = o + self.out_bias[...].astype(self.dtype)
         return o, attn
@@ -125,9 +128,16 @@ class ISTA(nnx.Module):
         return jnp.eye(w.shape[0], dtype=jnp.float32) + self.eta * (w - w.T @ w)
 
     def __call__(self, z_half: jax.Array) -> jax.Array:
-        x = self.norm(z_half)
+        x = self.norm(z_half).reshape(-1, z_half.shape[-1])  # rows: see ODL.__call__
         m = self.step_matrix().astype(self.dtype)
-        return jax.nn.relu(x @ m - self.eta * self.lam)
+        return jax.nn.relu(x @ m - self.eta * self.lam).reshape(z_half.shape)
+
+
+def _times_transpose(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a · bᵀ as one dot_general contracting the last axes of both. Spelt `a @ b.T`, the
+    transposed copy of b would be a separate value that autodiff keeps for the backward
+    pass: inside the layer scan, a stacked (L, C·d, d) copy of each dictionary."""
+    return jax.lax.dot_general(a, b, (((a.ndim - 1,), (1,)), ((), ())))
 
 
 class ODL(nnx.Module):
@@ -151,13 +161,18 @@ class ODL(nnx.Module):
         self.D1 = param(rngs, kaiming_uniform(), shape, axes, param_dtype)
 
     def __call__(self, z_half: jax.Array) -> tuple[jax.Array, jax.Array]:
-        x = self.norm(z_half)
+        # Tokens as the rows of one matrix (B·N, d): XLA:CPU then computes the dictionary
+        # gradients Xᵀ·G without first transposing (B, N, ·) activations (measured: the
+        # block's forward + backward 8 % faster).
+        x = self.norm(z_half).reshape(-1, z_half.shape[-1])
         d = self.D[...].astype(self.dtype)
         shrink = self.eta * self.lam
         code = jax.nn.relu(self.eta * (x @ d) - shrink)
         for _ in range(self.steps - 1):
-            code = jax.nn.relu(code - self.eta * ((code @ d.T - x) @ d) - shrink)
-        return code @ self.D1[...].astype(self.dtype).T, code
+            code = jax.nn.relu(code - self.eta * ((_times_transpose(code, d) - x) @ d) - shrink)
+        out = _times_transpose(code, self.D1[...].astype(self.dtype))
+        rows = z_half.shape[:-1]
+        return out.reshape(*rows, -1), code.reshape(*rows, -1)
 
 
 class MHSA(nnx.Module):

@@ -157,6 +157,28 @@ def feature_cached_grads(features: Callable, features_loss: Callable, params: di
     return (loss_value, aux), grads
 
 
+def averaged_grads(grad_fn: Callable, trainable: dict, batch: dict, rng: jax.Array,
+                   accum_steps: int):
+    """((loss, aux), grads) averaged over `accum_steps` micro-batches, one at a time:
+    grad_fn(trainable, micro_batch, rng) for micro-batch i with fold_in(rng, i). The whole
+    batch's update for a loss that is a mean over independent examples."""
+    micro_batches = split_microbatches(batch, accum_steps)
+
+    def accumulate(carry, xs):
+        index, micro_batch = xs
+        (loss_i, aux_i), grads_i = grad_fn(trainable, micro_batch,
+                                           jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, (loss_i, aux_i, grads_i)), None
+
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    (l0, a0), g0 = jax.eval_shape(grad_fn, trainable, first, rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
+    sums, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro_batches))
+    # every micro-batch loss is a mean over the same number of rows
+    loss_value, aux, grads = jax.tree.map(lambda x: x / accum_steps, sums)
+    return (loss_value, aux), grads
+
+
 def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, seed: int, accum_steps: int = 1,
                     frozen: tuple[str, ...] = (),
@@ -201,21 +223,8 @@ def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTran
                 lambda p, f, r: features_loss_fn(model_of(p, r), f, r),
                 trainable, batch, rng, accum_steps)
         else:
-            micro_batches = split_microbatches(batch, accum_steps)
-
-            def accumulate(carry, xs):
-                index, micro_batch = xs
-                (loss_i, aux_i), grads_i = grad_fn(trainable, rest, micro_batch,
-                                                   jax.random.fold_in(rng, index))
-                return jax.tree.map(jnp.add, carry, (loss_i, aux_i, grads_i)), None
-
-            first = jax.tree.map(lambda x: x[0], micro_batches)
-            (l0, a0), g0 = jax.eval_shape(grad_fn, trainable, rest, first, rng)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
-            sums, _ = jax.lax.scan(accumulate, zeros,
-                                   (jnp.arange(accum_steps), micro_batches))
-            # every micro-batch loss is a mean over the same number of rows
-            loss_value, aux, grads = jax.tree.map(lambda x: x / accum_steps, sums)
+            (loss_value, aux), grads = averaged_grads(
+                lambda t, b, r: grad_fn(t, rest, b, r), trainable, batch, rng, accum_steps)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         params = merge_params(clamp_params(optax.apply_updates(trainable, updates),
                                            bounds or {}), fixed)

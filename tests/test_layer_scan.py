@@ -1,0 +1,90 @@
+"""The scanned layer stack: the same function as the unrolled one, remat inside the scan,
+DropPath per layer, and the reference-shaped computation the step benchmark compares with
+(benchmarks/reference_shapes.py) computing the same logits."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from model_utils import randomize
+
+from crate_jax import models
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import reference_shapes
+
+TINY = dict(width=32, depth=3, heads=4, image_size=16, num_classes=5)
+
+
+def _images(batch=2):
+    return jnp.asarray(np.random.default_rng(0).normal(size=(batch, 16, 16, 3)), jnp.float32)
+
+
+def _loss_and_grads(model):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        return jnp.sum(nnx.merge(graphdef, p, rest)(_images()) ** 2)
+
+    return jax.value_and_grad(loss)(params)
+
+
+@pytest.mark.parametrize("name", ["crate-alpha-ti/8", "vit-ti/8"])
+def test_scanned_and_unrolled_layers_compute_the_same(name):
+    scanned = models.create(name, **TINY)
+    randomize(scanned, 3)
+    unrolled = models.create(name, **TINY, scan_layers=False)
+    nnx.update(unrolled, nnx.state(scanned, nnx.Param))
+    (l1, g1), (l2, g2) = _loss_and_grads(scanned), _loss_and_grads(unrolled)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_remat_inside_the_scan_changes_the_compiled_memory():
+    temps = {}
+    for remat in ("none", "dots", "full"):
+        abstract = nnx.eval_shape(lambda remat=remat: models.create(
+            "crate-alpha-ti/8", width=64, depth=4, heads=2, image_size=32, num_classes=0,
+            remat=remat))
+        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+        images = jax.ShapeDtypeStruct((64, 32, 32, 3), jnp.float32)
+
+        def loss(p, x, graphdef=graphdef, rest=rest):
+            return nnx.merge(graphdef, p, rest)(x).sum()
+
+        compiled = jax.jit(jax.grad(loss)).lower(params, images).compile()
+        temps[remat] = compiled.memory_analysis().temp_size_in_bytes
+    assert temps["none"] > 1.2 * temps["dots"] > 1.2 * 1.2 * temps["full"], temps
+
+
+def test_drop_path_rises_per_layer_and_is_off_in_eval():
+    model = models.create("crate-alpha-ti/8", **TINY, drop_path_rate=0.5)
+    assert model.encoder.drop_rates == pytest.approx((0.0, 0.25, 0.5))
+    x = _images(16)
+    model.train()
+    nnx.reseed(model, dropout=1)
+    a = model(x)
+    nnx.reseed(model, dropout=2)
+    b = model(x)
+    assert not np.allclose(a, b)  # a different draw of dropped branches
+    model.eval()
+    plain = models.create("crate-alpha-ti/8", **TINY)
+    nnx.update(plain, nnx.state(model, nnx.Param))
+    np.testing.assert_allclose(model(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["crate-alpha-ti/8", "crate-t/8"])
+def test_the_reference_shaped_computation_gives_our_logits(name):
+    model = models.create(name, **TINY)
+    randomize(model, 5)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    want = reference_shapes.forward(params, _images(), jnp.asarray(model.posemb()), model.cfg)
+    np.testing.assert_allclose(model(_images()), want, rtol=1e-4, atol=1e-4)
