@@ -19,12 +19,11 @@ whether it fits --device-memory less --headroom, and the compile time.
 Targets:
   cpu (default)  as many fake CPU devices as the mesh has (XLA_FLAGS is set here, before jax
                  starts: run the planner as its own process). Works anywhere. It is an
-                 estimate: XLA:CPU keeps part of the bf16 intermediates in f32 and does not
-                 honour rematerialisation (CSE undoes it once the optimisation barriers are
-                 expanded), so its temporaries are about what the accelerator needs with
-                 remat 'none'. Measured for CLIPA-H/14 widths (2 layers per tower), fsdp:64,
-                 1,024 images per device: CPU 28.6 GiB; TPU v4 31.7 GiB with remat none,
-                 17.5 GiB with remat dots.
+                 estimate: XLA:CPU keeps part of the bf16 intermediates in f32; remat applies
+                 inside the layer scan, but the CPU's choices are not the TPU's. Measured
+                 before the scan, for CLIPA-H/14 widths (2 layers per tower), fsdp:64, 1,024
+                 images per device: CPU 28.6 GiB; TPU v4 31.7 GiB with remat none, 17.5 GiB
+                 with remat dots.
   tpu            the TPU compiler itself (libtpu: pip install 'jax[tpu]'; no TPU needed) for
                  the slice of --accelerator: exact memory for that TPU, remat included; it
                  reports a step that exceeds HBM without compiling it. Slower to compile.
@@ -87,7 +86,8 @@ _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON f
 _TARGET = flags.DEFINE_enum(
     "target", "cpu", ["cpu", "tpu"],
     "cpu: compile for fake CPU devices (works anywhere; XLA:CPU keeps bf16 intermediates partly "
-    "in f32 and does not honour remat, so activations are over-estimated). tpu: compile for the "
+    "in f32, so activations are over-estimated; remat applies inside the layer scan). tpu: "
+    "compile for the "
     "real TPU of --accelerator with the TPU compiler (needs libtpu, e.g. pip install "
     "'jax[tpu]'; no TPU needed): exact for that TPU.")
 
