@@ -36,7 +36,7 @@ def _loss_and_grads(model):
     return jax.value_and_grad(loss)(params)
 
 
-@pytest.mark.parametrize("name", ["crate-alpha-ti/8", "vit-ti/8"])
+@pytest.mark.parametrize("name", ["crate-alpha-ti/8"])
 def test_scanned_and_unrolled_layers_compute_the_same(name):
     scanned = models.create(name, **TINY)
     randomize(scanned, 3)
