@@ -4,6 +4,7 @@ save exits 0 with what could be saved, and settings a block family ignores are r
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,6 +39,7 @@ def test_a_non_finite_state_is_never_saved_and_the_message_names_step_and_parame
         train_and_evaluate(config, str(tmp_path))
     message = str(failure.value)
     assert "at step 1" in message and "parameter encoder/layers/" in message, message
+    assert re.search(r"encoder/layers/\S+ \(layer \d+\)", message), message  # which layer
     assert "No checkpoint was saved" in message
     for step, tree in _all_checkpoint_arrays(tmp_path / "checkpoints").items():
         raise AssertionError(f"checkpoint {step} was saved from a non-finite run: {tree}")

@@ -118,3 +118,32 @@ def test_the_state_builder_names_parameters_the_mesh_leaves_replicated():
     opt_leaves = jax.tree.leaves(state.abstract_state["opt_state"])
     assert all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
                for x in opt_leaves)
+
+
+def test_a_workdir_from_before_the_dcn_axis_resumes_and_a_real_change_is_refused(tmp_path):
+    """config.json written before mesh.dcn existed lacks the key; the default (1) means what
+    its absence meant, so the run resumes. Any other value is a different run."""
+    import json
+
+    import ml_collections
+    from etils import epath
+
+    from crate_jax.train.loop import check_workdir_config
+
+    config = ml_collections.ConfigDict({"mesh": {"dcn": 1, "fsdp": -1}, "batch_size": 8})
+    (tmp_path / "config.json").write_text(json.dumps({"mesh": {"fsdp": -1}, "batch_size": 8}))
+    check_workdir_config(config, epath.Path(tmp_path))
+    config.mesh.dcn = 2
+    with pytest.raises(ValueError, match=r"mesh\.dcn"):
+        check_workdir_config(config, epath.Path(tmp_path))
+
+
+def test_freezing_one_stacked_layer_is_refused_with_the_way_to_say_it():
+    from crate_jax.train.step import split_frozen
+
+    _, state = _state()
+    with pytest.raises(ValueError, match=r"layers are stacked.*encoder/layers/attn"):
+        split_frozen(state["params"], ("encoder/layers/0",))
+    trainable, fixed = split_frozen(state["params"], ("encoder/layers/attn",))
+    assert set(fixed["encoder"]["layers"]) == {"attn"}
+    assert "attn" not in trainable["encoder"]["layers"]

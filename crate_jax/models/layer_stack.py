@@ -16,7 +16,7 @@ the other axes (the layer axis is never sharded).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -35,6 +35,17 @@ def _layer_dict(parent: Any, key: Any, value: Any) -> bool:
 
 def _is_per_layer(value: Mapping) -> bool:
     return all(_is_index(k) for k in value)
+
+
+def is_stacked_path(names: Sequence[Any]) -> bool:
+    """Whether the leaf at key path `names` ('encoder', 'layers', 'attn', 'proj') is a
+    stacked layer parameter, its leading axis the layers: below 'encoder/layers' with no
+    layer index after it."""
+    names = list(names)
+    for a, b, c in zip(names, names[1:], names[2:], strict=False):
+        if a == "encoder" and b == "layers":
+            return not _is_index(c)
+    return False
 
 
 def _walk(tree: Any, convert, parent: Any = None) -> Any:

@@ -148,6 +148,28 @@ def _mesh_batch_axes(mesh: Mesh, rules: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(a for a in _as_tuple(rules["batch"]) if a in mesh.shape)
 
 
+def split_batch_axes(mesh: Any) -> tuple[str, ...]:
+    """The default rule's batch axes that `mesh` (a Mesh, an abstract mesh or None) splits,
+    i.e. has with more than one device: what a collective over the batch runs over."""
+    if mesh is None or getattr(mesh, "empty", False):
+        return ()
+    return tuple(a for a in _as_tuple(DEFAULT_RULES["batch"])
+                 if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def constrain_to_batch(x: jax.Array) -> jax.Array:
+    """x (B, ...) constrained to be split over the current mesh's batch axes (unchanged
+    outside a mesh, or when they do not divide B). Inside a scanned layer the partitioner
+    sees one body for all layers; without this it may keep an FSDP-sharded weight in place
+    and gather the activations instead (measured: 4.8× the activation memory on fsdp:8),
+    the opposite of FSDP."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = split_batch_axes(mesh)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes, *([None] * (x.ndim - 1))))
+
+
 def batch_sharding(mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES) -> NamedSharding:
     """Leading (batch) axis split over the data-parallel mesh axes, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(_mesh_batch_axes(mesh, rules)))

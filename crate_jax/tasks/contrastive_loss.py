@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXES = ("dcn", "data", "fsdp")
+from crate_jax.parallel.sharding import split_batch_axes
 
 
 def _infonce_block(x, y_all, x_all, y, scale, offset):
@@ -54,12 +54,6 @@ def _correct_block(x, y_all, offset):
     return jnp.sum(best == offset + jnp.arange(x.shape[0]), dtype=jnp.int32)
 
 
-def _batch_axes(mesh) -> tuple[str, ...]:
-    if mesh is None:
-        return ()
-    return tuple(a for a in BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1)
-
-
 def contrastive_loss(x: jax.Array, y: jax.Array, scale: jax.Array, bias: jax.Array | None = None,
                      *, kind: str = "infonce", mesh: jax.sharding.Mesh | None = None,
                      with_accuracy: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -73,7 +67,7 @@ def contrastive_loss(x: jax.Array, y: jax.Array, scale: jax.Array, bias: jax.Arr
     if mesh is None:
         abstract = jax.sharding.get_abstract_mesh()
         mesh = None if abstract.empty else abstract
-    axes = _batch_axes(mesh)
+    axes = split_batch_axes(mesh)
     global_batch = x.shape[0]
     if not axes:
         if kind == "infonce":

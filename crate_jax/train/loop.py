@@ -29,6 +29,7 @@ from absl import logging
 from etils import epath
 
 from crate_jax import config_check
+from crate_jax.models import layer_stack
 from crate_jax.parallel import (
     DEFAULT_RULES,
     format_undivided,
@@ -126,10 +127,20 @@ class _StopSignal:
 
 
 def _first_non_finite(tree: Any) -> str | None:
-    """The path of the first leaf of `tree` holding a NaN or an infinity, or None."""
+    """The path of the first leaf of `tree` holding a NaN or an infinity, or None; for a
+    stacked layer parameter also the first layer that holds one."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.isfinite(leaf).all()):
-            return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            continue
+        finite = jnp.isfinite(leaf)
+        if bool(finite.all()):
+            continue
+        names = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+        where = "/".join(map(str, names))
+        if layer_stack.is_stacked_path(names) and leaf.ndim:
+            layer = int(jnp.argmin(finite.reshape(leaf.shape[0], -1).all(axis=1)))
+            where += f" (layer {layer})"
+        return where
     return None
 
 

@@ -27,6 +27,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from crate_jax.models import layer_stack
+
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "lamb", "lion")
 _DEFAULT_B2 = {"adamw": 0.999, "lamb": 0.999, "lion": 0.99}
@@ -129,15 +131,6 @@ def _ndim(leaf: Any) -> int:
     return len(shape) if shape is not None else jnp.ndim(leaf)
 
 
-def _stacked(names: tuple) -> bool:
-    """Whether the leaf at `names` is a stacked layer parameter (leading axis = layers):
-    below 'encoder/layers' with no layer index after it."""
-    for a, b, c in zip(names, names[1:], names[2:], strict=False):
-        if a == "encoder" and b == "layers":
-            return _as_int(c) is None
-    return False
-
-
 def _as_int(key: Any) -> int | None:
     if isinstance(key, int) and not isinstance(key, bool):
         return key
@@ -152,7 +145,8 @@ def decay_mask(params: Any) -> Any:
 
     def decayed(path: tuple, leaf: Any) -> bool:
         names = _names(path)
-        ndim = _ndim(leaf) - _stacked(names)  # a stacked leaf's layer axis is not a matrix's
+        # a stacked leaf's layer axis is not one of a matrix's
+        ndim = _ndim(leaf) - layer_stack.is_stacked_path(names)
         if ndim < 2 or any(n in NO_DECAY_KEYS for n in names if isinstance(n, str)):
             return False
         return not (names and isinstance(names[-1], str) and names[-1].endswith("bias"))
@@ -172,7 +166,7 @@ def layer_ids(params: Any, num_layers: int) -> Any:
 
     def layer_id(path: tuple, leaf: Any) -> int | np.ndarray:
         names = _names(path)
-        if _stacked(names):
+        if layer_stack.is_stacked_path(names):
             depth = leaf.shape[0]
             if depth > num_layers:
                 raise ValueError(f"{'/'.join(map(str, names))}: {depth} stacked layers but "
