@@ -15,6 +15,7 @@ from PIL import Image
 
 from crate_jax import config_utils, parallel
 from crate_jax.data import image_text
+from crate_jax.data.webdataset import WebDatasetReader
 from crate_jax.evals import clip as clip_evals
 from crate_jax.models.clip import CLIP, ClipConfig
 from crate_jax.tasks import token_reduction
@@ -258,6 +259,62 @@ def test_image_text_batches_resume_exactly(tmp_path):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
     assert want[0]["image"].shape == (8, 16, 16, 3) and want[0]["tokens"].shape == (8, 24)
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "builtin:shapes_captions_bert"])
+def test_truncating_text_tokens_equals_tokenize_then_reduce(tokenizer):
+    from crate_jax.data import tokenizer as tokenizers
+
+    rng = np.random.default_rng(0)
+    words = "a the red small photo of dog grass over under near bright".split()
+    captions = [" ".join(rng.choice(words, int(rng.integers(1, 30)))) for _ in range(40)]
+    data = ml_collections.ConfigDict(dict(source="webdataset", tokenizer=tokenizer,
+                                          context_length=32, text_tokens=8,
+                                          text_reduction="truncate"))
+    tok = image_text.tokenizer_for(data)
+    reference = tokenizers.reduce_tokens(tokenizers.tokenize(tok, captions, 32), 8,
+                                         method="truncate", rng=None, pad_id=tok.pad_id,
+                                         eot_id=tok.eot_id,
+                                         bos_id=tok.bos_id if tok.add_bos else None)
+    np.testing.assert_array_equal(image_text.text_tokens(data, captions, None), reference)
+
+
+@pytest.mark.parametrize("reduction", ["truncate", "random", "block"])
+def test_a_chunk_of_pairs_equals_the_pairs_one_by_one(tmp_path, reduction):
+    # chunks tokenize with one encode_batch call; the result must not depend on chunking
+    shards = _write_caption_shards(tmp_path)
+    data = ml_collections.ConfigDict(dict(source="webdataset", shards=shards,
+                                          tokenizer="builtin:shapes_captions_bert",
+                                          image_size=16, context_length=32, text_tokens=6,
+                                          text_reduction=reduction, flip=True))
+    reader = WebDatasetReader(shards, process_index=0, process_count=1, verify_images=False)
+    samples = [dict(next(reader), epoch=0) for _ in range(12)]
+    samples[3] = dict(samples[3], image=b"not a jpeg")  # a bad image inside the chunk
+    pair = image_text._DecodePair(data, seed=5)
+    chunk = pair.many(samples)
+    single = [pair(sample) for sample in samples]
+    assert chunk[3] is None and single[3] is None
+    for a, b in zip(chunk, single, strict=True):
+        if a is not None:
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["tokens"], b["tokens"])
+
+
+def test_webdataset_flip_mirrors_about_half_the_crops(tmp_path):
+    shards = _write_caption_shards(tmp_path)
+    base = dict(source="webdataset", shards=shards, tokenizer="bytes", image_size=16,
+                context_length=16, num_workers=2)
+    plain = image_text.train_iterator(ml_collections.ConfigDict(base), batch_size=16, seed=3)
+    flipped = image_text.train_iterator(ml_collections.ConfigDict(dict(base, flip=True)),
+                                        batch_size=16, seed=3)
+    a, b = next(plain)["image"], next(flipped)["image"]
+    plain.close()
+    flipped.close()
+    same = [np.array_equal(x, y) for x, y in zip(a, b, strict=True)]
+    # the flip draw follows the box draws, so a mirrored crop keeps its box
+    mirrored = [np.array_equal(x[:, ::-1], y) for x, y in zip(a, b, strict=True)]
+    assert all(s or m for s, m in zip(same, mirrored, strict=True))
+    assert 2 <= sum(mirrored) <= 14 and sum(same) >= 2
 
 
 def test_contrastive_training_from_webdataset_shards(tmp_path):

@@ -66,6 +66,7 @@ def test_nan_after_a_good_checkpoint_names_that_checkpoint(tmp_path):
     ({"model.pool": "bogus"}, "pool"),
     ({"checkpoint.every": 0}, "checkpoint.every=0"),
     ({"log_every": 0}, "log_every=0"),
+    ({"data.num_workers": -2}, "data.num_workers=-2"),
     ({"total_steps": -5}, "total_steps=-5"),
     ({"optim.lr": 1e39}, "optim.lr"),
     ({"model.mlp_dim": 64}, "mlp_dim"),

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from crate_jax.data.decode import sample_crop
+
 _Op = Callable[[Image.Image, float, int], Image.Image]
 FILL = 128  # grey fill for the pixels that geometric ops move in from outside the image
 
@@ -227,22 +229,6 @@ def decode_reduced(data: bytes, min_side: int) -> Image.Image:
     return _load_reduced(Image.open(io.BytesIO(data)), min_side)[0]
 
 
-def _sample_crop(width: int, height: int, rng: np.random.Generator, area: tuple[float, float],
-                 ratio: tuple[float, float]) -> tuple[int, int, int, int]:
-    """(x, y, w, h) drawn exactly as images.inception_crop draws its box (same rng use)."""
-    for _ in range(10):
-        target = rng.uniform(*area) * width * height
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            x = int(rng.integers(0, width - w + 1))
-            y = int(rng.integers(0, height - h + 1))
-            return x, y, w, h
-    side = min(width, height)
-    return (width - side) // 2, (height - side) // 2, side, side
-
-
 def clipa_crop(data: bytes, rng: np.random.Generator | None, size: int, *,
                area: tuple[float, float] = (0.4, 1.0),
                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
@@ -265,7 +251,7 @@ def clipa_crop(data: bytes, rng: np.random.Generator | None, size: int, *,
         side = min(width, height)
         x, y, w, h = (width - side) // 2, (height - side) // 2, side, side
     else:
-        x, y, w, h = _sample_crop(width, height, rng, area, ratio)
+        x, y, w, h = sample_crop(width, height, rng, area, ratio)
     # decoded scale s <= short // min_side <= min(w, h) / size: the box keeps >= size px
     image, scale = _load_reduced(image, math.ceil(size * min(width, height) / min(w, h)))
     box = (x / scale, y / scale, min((x + w) / scale, image.width),

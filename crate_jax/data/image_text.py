@@ -3,8 +3,10 @@
 Training sources (config.data.source):
     synthetic_captions  the procedurally generated shapes + captions set (random access, grain)
     webdataset          img2dataset tar shards, data.shards = '/data/datacomp/{00000..12799}.tar'
-                        (local or gs://), read by a resumable WebDatasetReader, decoded on a
-                        thread pool and batched in a background thread
+                        (local or gs://), read by a resumable WebDatasetReader (data.interleave
+                        shards at once, data.shuffle_buffer samples / data.shuffle_buffer_bytes),
+                        decoded on data.num_workers threads while the next samples are read
+                        (crate_jax.data.wds.batches)
 Every batch is {'image': uint8 (B, S, S, 3), 'tokens': int32 (B, k)}: images at the training
 resolution (CLIPA's low resolution comes from a DCT-scaled JPEG decode), captions tokenized to
 data.context_length and reduced to data.text_tokens tokens (truncate / random / block).
@@ -13,11 +15,9 @@ data.context_length and reduced to data.text_tokens tokens (truncate / random / 
 from __future__ import annotations
 
 import functools
-import queue
-import threading
+import os
 import zlib
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -56,16 +56,38 @@ def tokenizer_for(data: Any) -> tokenizers.Tokenizer:
 
 def text_tokens(data: Any, captions: list[str], rng: np.random.Generator | None) -> np.ndarray:
     """Tokenize to context_length, then reduce to data.text_tokens (CLIPA text reduction)."""
-    tok = tokenizer_for(data)
-    tokens = tokenizers.tokenize(tok, captions, data.context_length)
-    k = data.get("text_tokens") or data.context_length
-    if k < data.context_length:
-        method = data.get("text_reduction", "truncate")
-        tokens = tokenizers.reduce_tokens(tokens, k, method=method,
-                                          rng=rng if method != "truncate" else None,
-                                          pad_id=tok.pad_id, eot_id=tok.eot_id,
-                                          bos_id=tok.bos_id if tok.add_bos else None)
-    return tokens
+    return _TextTokens(data)(captions, rng)
+
+
+class _TextTokens:
+    """text_tokens with the config read once (it runs per sample, on the decode threads)."""
+
+    def __init__(self, data: Any):
+        self.tok = tokenizer_for(data)
+        self.length = data.context_length
+        self.k = data.get("text_tokens") or data.context_length
+        self.method = data.get("text_reduction", "truncate")
+
+    def __call__(self, captions: list[str], rng: np.random.Generator | None) -> np.ndarray:
+        if self.k >= self.length or self.method == "truncate":
+            # truncating to k is tokenizing to k: the first k - 1 (- bos) content tokens, eot
+            return tokenizers.tokenize(self.tok, captions, min(self.k, self.length))
+        return self._reduce(tokenizers.tokenize(self.tok, captions, self.length), rng)
+
+    def _reduce(self, tokens: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        tok = self.tok
+        return tokenizers.reduce_tokens(tokens, self.k, method=self.method, rng=rng,
+                                        pad_id=tok.pad_id, eot_id=tok.eot_id,
+                                        bos_id=tok.bos_id if tok.add_bos else None)
+
+    def many(self, captions: list[str], rngs: list[np.random.Generator]) -> list[np.ndarray]:
+        """One row per caption, caption i reduced with rngs[i]: as calling this on each."""
+        if not captions:
+            return []
+        if self.k >= self.length or self.method == "truncate":
+            return list(self(captions, None))
+        tokens = tokenizers.tokenize(self.tok, captions, self.length)
+        return [self._reduce(row[None], rng)[0] for row, rng in zip(tokens, rngs, strict=True)]
 
 
 def _synthetic(data: Any, split: str, num_examples: int | None = None,
@@ -99,113 +121,58 @@ def train_iterator(data: Any, *, batch_size: int, seed: int):
                                        transform=transform,
                                        num_workers=data.get("num_workers", 0))
     if data.source == "webdataset":
-        from crate_jax.data.webdataset import WebDatasetReader
+        from crate_jax.data.wds.batches import OrderedBatches
+        from crate_jax.data.wds.reader import WebDatasetReader
         if not data.get("shards"):
             raise ValueError("data.shards: set the tar shards, e.g. "
                              "--config.data.shards='/data/datacomp/{00000..12799}.tar'")
-        # Images are checked by the decode in _decode_pair, not decoded twice.
+        # Images are checked by the decode in _DecodePair, not decoded twice.
         reader = WebDatasetReader(data.shards, seed=seed,
                                   shuffle_buffer=data.get("shuffle_buffer", 0),
+                                  shuffle_buffer_bytes=data.get("shuffle_buffer_bytes", 0),
+                                  interleave=data.get("interleave", 1),
                                   max_bad_fraction=data.get("max_bad_fraction", 0.5),
                                   verify_images=False)
-        return ImageTextBatches(reader, functools.partial(_decode_pair, data, seed),
-                                batch_size=batch_size, threads=data.get("num_workers", 8))
+        # The decode threads are the parallelism; the tokenizer's own thread pool on top of
+        # them only adds hand-overs (a user's explicit setting wins).
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return OrderedBatches(reader, _DecodePair(data, seed),
+                              batch_size=batch_size, threads=data.get("num_workers", 8))
     raise ValueError(f"data.source: {data.source!r}; use 'synthetic_captions' or 'webdataset'")
 
 
-def _decode_pair(data: Any, seed: int, sample: dict) -> dict[str, np.ndarray] | None:
-    """The training pair, or None when the image does not decode (counted as bad)."""
-    from crate_jax.data.augment import clipa_crop
-    # The sample's own RNG: the same crop whatever thread decodes it, and after a resume;
-    # a new one every epoch.
-    rng = np.random.default_rng([seed, sample["epoch"], zlib.crc32(sample["shard"].encode()),
-                                 sample["index"]])
-    try:
-        image = clipa_crop(sample["image"], rng, data.image_size,
-                           area=tuple(data.get("crop_area", (0.4, 1.0))))
-    except (OSError, ValueError, SyntaxError):  # what PIL raises for corrupt or truncated data
-        return None
-    return {"image": image, "tokens": text_tokens(data, [sample["caption"]], rng)[0]}
+class _DecodePair:
+    """The training pair of a webdataset sample (decode + crop + flip, tokens), or None when
+    the image does not decode (counted as bad). `many` does a chunk of samples with one
+    tokenizer call; it gives what calling this on each sample gives."""
 
+    def __init__(self, data: Any, seed: int):
+        self.seed, self.size, self.flip = seed, data.image_size, data.get("flip", False)
+        self.area = tuple(data.get("crop_area", (0.4, 1.0)))
+        self.tokens = _TextTokens(data)
 
-class ImageTextBatches:
-    """Batches from a resumable sample reader, made in a background thread.
+    def _image(self, sample: dict) -> tuple[np.ndarray | None, np.random.Generator]:
+        from crate_jax.data.decode import random_resized_crop
+        # The sample's own RNG: the same crop whatever thread decodes it, and after a resume;
+        # a new one every epoch.
+        rng = np.random.default_rng([self.seed, sample["epoch"],
+                                     zlib.crc32(sample["shard"].encode()), sample["index"]])
+        try:
+            return random_resized_crop(sample["image"], rng, self.size, area=self.area,
+                                       flip=self.flip), rng
+        except (OSError, ValueError, SyntaxError):  # what the decoders raise for corrupt data
+            return None, rng
 
-    get_state() is the reader's state right after the last batch handed out, so a checkpoint
-    taken between steps resumes at the next unseen sample, whatever is queued."""
+    def __call__(self, sample: dict) -> dict[str, np.ndarray] | None:
+        return self.many([sample])[0]
 
-    def __init__(self, reader, transform: Callable[[dict], dict], *, batch_size: int,
-                 threads: int = 8, prefetch: int = 2):
-        self.reader, self.transform, self.batch_size = reader, transform, batch_size
-        self.threads, self.prefetch = max(1, threads), prefetch
-        self._state = reader.get_state()
-        self._start()
-
-    def _start(self) -> None:
-        self._queue: queue.Queue = queue.Queue(self.prefetch)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, daemon=True)
-        self._thread.start()
-
-    def _produce(self) -> None:
-        with ThreadPoolExecutor(self.threads) as pool:
-            while not self._stop.is_set():
-                try:
-                    examples: list[dict] = []
-                    while len(examples) < self.batch_size:
-                        samples = [next(self.reader)
-                                   for _ in range(self.batch_size - len(examples))]
-                        for sample in samples:
-                            sample["epoch"] = self.reader.epoch
-                        decoded = list(pool.map(self.transform, samples))
-                        self.reader.stats.bad_images += sum(e is None for e in decoded)
-                        examples += [e for e in decoded if e is not None]
-                    state = self.reader.get_state()
-                    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-                    item = (batch, state, None)
-                except Exception as e:  # handed to the consumer, raised there
-                    item = (None, None, e)
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if item[2] is not None:
-                    return
-
-    def __iter__(self) -> Iterator[dict]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch, state, error = self._queue.get()
-        if error is not None:
-            raise error
-        self._state = state
-        return batch
-
-    def get_state(self) -> dict:
-        return self._state
-
-    def set_state(self, state: dict) -> None:
-        self.close()
-        self.reader.set_state(state)
-        self._state = state
-        self._start()
-
-    def set_states(self, states: list[dict]) -> None:
-        """Resume from every process's state of a run with another process count."""
-        self.close()
-        self.reader.set_states(states)
-        self._state = self.reader.get_state()
-        self._start()
-
-    def metrics(self) -> dict[str, float]:
-        return self.reader.stats.as_metrics()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+    def many(self, samples: list[dict]) -> list[dict[str, np.ndarray] | None]:
+        images = [self._image(sample) for sample in samples]
+        good = [(s, rng) for s, (image, rng) in zip(samples, images, strict=True)
+                if image is not None]
+        tokens = iter(self.tokens.many([s["caption"] for s, _ in good], [r for _, r in good]))
+        return [None if image is None else {"image": image, "tokens": next(tokens)}
+                for image, _ in images]
 
 
 # --- evaluation sets -----------------------------------------------------------------------

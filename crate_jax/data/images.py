@@ -12,12 +12,13 @@ Images leave the host as uint8; normalisation happens on the device.
 from __future__ import annotations
 
 import io
-import math
 from typing import Any
 
 import numpy as np
 from etils import epath
 from PIL import Image
+
+from crate_jax.data.decode import sample_crop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -78,19 +79,8 @@ def inception_crop(image: Image.Image, rng: np.random.Generator, size: int, *,
                    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
     """A random crop of `area` × the image area and aspect ratio in `ratio` (log-uniform),
     resized to size × size; falls back to a centre crop after 10 failed draws."""
-    width, height = image.size
-    for _ in range(10):
-        target = rng.uniform(*area) * width * height
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            x = int(rng.integers(0, width - w + 1))
-            y = int(rng.integers(0, height - h + 1))
-            return image.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
-    side = min(width, height)
-    x, y = (width - side) // 2, (height - side) // 2
-    return image.resize((size, size), Image.BILINEAR, box=(x, y, x + side, y + side))
+    x, y, w, h = sample_crop(*image.size, rng, area, ratio)
+    return image.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
 
 
 def resize_center_crop(image: Image.Image, size: int, crop_fraction: float = 0.875) -> Image.Image:

@@ -182,8 +182,11 @@ def tokenize(tokenizer: Tokenizer, texts: Sequence[str], context_length: int, *,
         raise ValueError(f"tokenize: context_length={context_length} leaves no room for "
                          f"{'bos and ' if add_bos else ''}eot")
     out = np.full((len(texts), context_length), tokenizer.pad_id, dtype=np.int32)
-    for row, text in zip(out, texts, strict=True):
-        ids = [*prefix, *tokenizer.encode(text)[:room], tokenizer.eot_id]
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    encoded = (encode_batch(list(texts)) if encode_batch is not None and len(texts) > 1
+               else [tokenizer.encode(text) for text in texts])
+    for row, content in zip(out, encoded, strict=True):
+        ids = [*prefix, *content[:room], tokenizer.eot_id]
         row[: len(ids)] = ids
     return out
 

@@ -30,16 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from crate_jax.data.webdataset import (
-    _DELAY_BLOCK,
-    _DELAY_TAG,
-    ReaderStats,
-    _Pos,
-    shard_order,
-)
+from crate_jax.data.wds.checks import ReaderStats
+from crate_jax.data.wds.interleave import Pos
+from crate_jax.data.wds.shards import shard_order
+from crate_jax.data.wds.shuffle import DELAY_BLOCK, delays
 
 if TYPE_CHECKING:
-    from crate_jax.data.webdataset import WebDatasetReader
+    from crate_jax.data.wds.reader import WebDatasetReader
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +46,8 @@ Entry = tuple[int, int, int, int, "str | None"]
 
 def unfinished(state: dict[str, Any]) -> list[Entry]:
     """The shards, in pass order, that the process which saved `state` had not finished in its
-    current pass; the first one starts at its oldest sample not yet yielded."""
+    current pass: its open slots, each from where it reads next (the first from the oldest
+    sample not yet yielded), then the shards no slot had taken yet."""
     cfg = state["config"]
     if state.get("remainder") is not None:
         entries = [(int(e[0]), int(e[1]), int(e[2]), int(e[3]), e[4])
@@ -61,9 +59,12 @@ def unfinished(state: dict[str, Any]) -> list[Entry]:
     position = int(state["shard_position"])
     if position >= len(entries):
         return []  # the pass was read to its end and everything in it was yielded
-    first = (entries[position][0], int(state["raw_offset"]), int(state["offset"]),
-             int(state["byte_offset"]), state["member_key"])
-    return [first, *entries[position + 1:]]
+    top = [position, state["raw_offset"], state["offset"], state["byte_offset"],
+           state["member_key"]]
+    slots = [top, *state.get("slots", [])]
+    opened = [(entries[int(p)][0], int(raw), int(offset), int(byte), key)
+              for p, raw, offset, byte, key in slots]
+    return opened + entries[int(state.get("next_entry", position + 1)):]
 
 
 def repeated(state: dict[str, Any]) -> int:
@@ -77,13 +78,14 @@ def repeated(state: dict[str, Any]) -> int:
     oldest = int(state["index"])
     # Every sample up to the last yielded key had been read (and none past 'frontier').
     highest = min(last_key, int(state.get("frontier", last_key)))
+    # Keys of samples read after 'level_since' were raised to the last key out (`shuffle`).
+    level_since = int(state.get("level_since", highest))
     count = 0
-    for block in range((oldest + 1) // _DELAY_BLOCK, highest // _DELAY_BLOCK + 1):
-        rng = np.random.default_rng([cfg["seed"], int(state["epoch"]), cfg["process_index"],
-                                     _DELAY_TAG, block])
-        delays = rng.integers(0, buffer, _DELAY_BLOCK)
-        index = np.arange(block * _DELAY_BLOCK, (block + 1) * _DELAY_BLOCK)
-        keys = index + delays
+    for block in range((oldest + 1) // DELAY_BLOCK, highest // DELAY_BLOCK + 1):
+        index = np.arange(block * DELAY_BLOCK, (block + 1) * DELAY_BLOCK)
+        keys = index + delays(cfg["seed"], int(state["epoch"]), cfg["process_index"], buffer,
+                              block)
+        keys = np.where(index > level_since, np.maximum(keys, last_key), keys)
         inside = (index > oldest) & (index <= highest)
         yielded = (keys < last_key) | ((keys == last_key) & (index <= last_index))
         count += int(np.sum(inside & yielded))
@@ -92,7 +94,7 @@ def repeated(state: dict[str, Any]) -> int:
 
 def _check(reader: WebDatasetReader, states: list[dict[str, Any]]) -> None:
     for q, state in enumerate(states):
-        if state.get("version") not in (1, 2):
+        if state.get("version") not in (1, 2, 3):
             raise ValueError(f"WebDatasetReader: saved state of process {q} has unknown version "
                              f"{state.get('version')}")
         cfg = state["config"]
@@ -125,7 +127,7 @@ def resume(reader: WebDatasetReader, states: list[dict[str, Any]]) -> dict[str, 
     pending = sorted((entry for state in states for entry in unfinished(state)),
                      key=lambda entry: entry[0])
     mine = pending[reader.process_index::reader.process_count]
-    plan = [(shard, _Pos(k, raw, offset, byte, key))
+    plan = [(shard, Pos(k, raw, offset, byte, key))
             for k, (shard, raw, offset, byte, key) in enumerate(mine)]
     epochs = sorted({int(s["epoch"]) for s in states})
     report = {"saved_processes": len(states), "processes": reader.process_count,
@@ -135,9 +137,7 @@ def resume(reader: WebDatasetReader, states: list[dict[str, Any]]) -> dict[str, 
               "skipped": 0, "epochs": epochs}
     reader.stats = _merged_stats(states, reader.process_index, reader.process_count)
     reader._error = None
-    start = plan[0][1] if plan else _Pos(0, 0, 0, 0, None)
-    reader._start_epoch(epochs[-1], start, index=0, last_emitted=None, quiet_until=None,
-                        plan=plan)
+    reader._start_pass(epochs[-1], plan=plan)
     log.warning(
         "WebDatasetReader: elastic resume of a %d-process checkpoint with %d processes: "
         "%d unfinished shards (%d partly read) dealt out again, %d to process %d; "

@@ -1,0 +1,210 @@
+"""Fast image decode and random-resized crop: libjpeg-turbo (simplejpeg) with a Pillow fallback.
+
+    image_size           (width, height) from the header, no pixel decode
+    decode_rgb           uint8 (H, W, 3); a JPEG at the smallest M/8 scale whose short side
+                         is >= min_side
+    random_resized_crop  uint8 (size, size, 3): the inception-style box on the full-resolution
+                         size, decoded at the smallest M/8 scale that keeps the box >= size px
+
+Path. A JPEG whose header libjpeg-turbo reads (YCbCr, RGB or greyscale) is decoded by
+simplejpeg with DCT scaling M/8, M = 1 … 8 (libjpeg-turbo's factors, finer than PIL's
+draft() 1/2, 1/4, 1/8), straight to RGB (greyscale is expanded to RGB by libjpeg-turbo, equal
+to Pillow's convert("RGB")). Everything else goes through a full Pillow decode and
+.convert("RGB"): PNG, WebP, GIF, ...; CMYK and YCCK JPEGs (Pillow honours the Adobe
+inversion flag, libjpeg-turbo's CMYK -> RGB assumes it); and JPEGs that simplejpeg rejects
+with strict=True — it raises ValueError on libjpeg *warnings* too, and Pillow still decodes a
+JPEG whose warning is harmless. Truncated or corrupt data raises on both paths (ValueError from
+simplejpeg, then OSError from Pillow, which with its default LOAD_TRUNCATED_IMAGES=False
+refuses a truncated file even when only the EOI marker is missing); nothing here returns a
+grey-filled partial image. EXIF orientation is not applied (as in images.to_pil).
+
+Scale choice. simplejpeg returns the smallest M/8 scale whose output is >= min_height *and*
+>= min_width (output sides ceil(side · M / 8)); we pick M ourselves and pass both output sides
+of that M as the minima, which pins the scale exactly (passing one side, or minima above the
+image size, makes simplejpeg choose by its own rule).
+
+Resize. The box, in decoded pixels (full-resolution box × M/8, snapped outwards to whole
+pixels: at most one decoded pixel more on each side, which moves a random crop by less than
+1.2 % of its side at 84 px), is resized with OpenCV. With M chosen as above the decoded box is
+between size and 2·size pixels, so a 2-tap bilinear resize (cv2.INTER_LINEAR, half-pixel
+centres, no antialiasing: tf.image.resize's default, as in big_vision and the official CLIPA
+input pipeline) loses nothing that matters: the DCT scaling has already low-passed the image.
+A box of 2·size or more (non-JPEG input, decoded at full size) is area-averaged instead
+(cv2.INTER_AREA). The flip is cv2.flip. Measured on the 2-core machine, one thread, the box
+resize alone (uint8, 3 channels, img/s):
+
+    box -> output          Pillow BILINEAR   cv2.INTER_AREA   cv2.INTER_LINEAR (used)
+    160 x 197 -> 84             4,400            4,500           35,000
+    260 x 297 -> 224            1,200            1,200            8,800
+
+so Pillow's antialiased resize costs as much as the decode itself at 224 px. Whole
+random_resized_crop on photo-like 300-1,000 px JPEGs of ~36 KiB (benchmarks/input_pipeline.py
+gives the current figures): simplejpeg at M/8 decodes in 0.5-1.1 ms, the resize takes 0.03 ms
+at 84 px and 0.1-0.2 ms at 224 px.
+
+The decoded scales. libjpeg-turbo's SIMD IDCTs cover 1/8, 2/8, 4/8 and 8/8; the generic ones
+are slower than a full decode (same images, img/s of the decode alone):
+
+    M/8     1/8    2/8    3/8    4/8    5/8    6/8    7/8    8/8
+    img/s  2,160  1,800  1,140  1,450   620    510    360    900
+
+Error vs. the reference (full-size Pillow decode + antialiased BILINEAR resize of the exact
+box): mean |diff| below 4 grey levels on photo-like images (tests/test_decode.py).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import cv2
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+# The input pipeline runs this on its own thread pool; OpenCV's pool on top would
+# oversubscribe the cores.
+cv2.setNumThreads(1)
+# libjpeg-turbo decodes these JPEG colour spaces to RGB itself; CMYK / YCCK go to Pillow.
+_PILLOW_COLORSPACES = ("CMYK", "YCCK")
+# The scales M/8 we decode at: the SIMD ones (timings of all eight in the module docstring).
+_FAST_SCALES = (1, 2, 4, 8)
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG that simplejpeg decodes to RGB, else None (Pillow's job)."""
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:  # not a JPEG, or one libjpeg-turbo cannot parse
+        return None
+    return None if colorspace in _PILLOW_COLORSPACES else (int(height), int(width))
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header (JPEG via libjpeg-turbo, anything else via Pillow)."""
+    header = _jpeg_header(data)
+    if header is not None:
+        return header[1], header[0]
+    with Image.open(io.BytesIO(data)) as image:  # reads the header only
+        return image.size
+
+
+def _scaled(side: int, m: int) -> int:
+    """libjpeg's output side at scale m / 8: ceil(side · m / 8)."""
+    return -(-side * m // 8)
+
+
+def _decode_jpeg(data: bytes, height: int, width: int, m: int) -> np.ndarray:
+    """simplejpeg at exactly scale m / 8 (ValueError on anything libjpeg complains about)."""
+    if max(height, width) < 8:
+        # both sides < 8: neighbouring m can give the same output size, so the scale would
+        # be ambiguous; such images are too small to gain anything from scaling
+        m = 8
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=_scaled(height, m),
+                                  min_width=_scaled(width, m), strict=True)
+
+
+def _decode_pillow(data: bytes) -> np.ndarray:
+    """Full Pillow decode to RGB; OSError on truncated or unreadable data."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _decode(data: bytes, header: tuple[int, int] | None, m: int) -> tuple[np.ndarray, int]:
+    """(RGB array, m actually used): simplejpeg at m / 8 when it can, else Pillow at 8 / 8."""
+    if header is not None:
+        try:
+            return _decode_jpeg(data, *header, m), (m if max(header) >= 8 else 8)
+        except ValueError:
+            pass  # strict libjpeg warning or corrupt data: Pillow decides (raises if corrupt)
+    return _decode_pillow(data), 8
+
+
+def decode_rgb(data: bytes, min_side: int | None = None) -> np.ndarray:
+    """Decode to uint8 (H, W, 3). A JPEG is decoded at the smallest scale M/8 (M = 1 … 8)
+    whose short side is still >= min_side (full size when min_side is None or the image is
+    smaller); other formats, CMYK JPEGs and JPEGs simplejpeg rejects decode at full size
+    through Pillow. ValueError or OSError for corrupt or truncated data."""
+    if min_side is not None and min_side < 1:
+        raise ValueError(f"decode_rgb: min_side must be >= 1, got {min_side!r}")
+    header = _jpeg_header(data)
+    m = 8
+    if header is not None and min_side is not None:
+        short = min(header)
+        m = next((k for k in _FAST_SCALES if _scaled(short, k) >= min_side), 8)
+    return _decode(data, header, m)[0]
+
+
+def sample_crop(width: int, height: int, rng: np.random.Generator,
+                area: tuple[float, float],
+                ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(x, y, w, h) drawn exactly as images.inception_crop draws its box (same rng use):
+    up to 10 tries of (area fraction uniform, log-aspect uniform, x, y), then the centre
+    square of the short side."""
+    for _ in range(10):
+        target = rng.uniform(*area) * width * height
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            x = int(rng.integers(0, width - w + 1))
+            y = int(rng.integers(0, height - h + 1))
+            return x, y, w, h
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
+def _resize_box(array: np.ndarray, box: tuple[float, float, float, float], size: int,
+                mirror: bool) -> np.ndarray:
+    """`box` (x0, y0, x1, y1 in pixels of `array`, snapped outwards to whole pixels) resized
+    to uint8 (size, size, 3): bilinear below a 2x downscale, area average from 2x on."""
+    left, top = max(math.floor(box[0]), 0), max(math.floor(box[1]), 0)
+    right = min(max(math.ceil(box[2]), left + 1), array.shape[1])
+    bottom = min(max(math.ceil(box[3]), top + 1), array.shape[0])
+    region = array[top:bottom, left:right]
+    shrink = min(region.shape[:2]) / size
+    method = cv2.INTER_AREA if shrink >= 2 else cv2.INTER_LINEAR
+    out = cv2.resize(region, (size, size), interpolation=method)
+    return cv2.flip(out, 1) if mirror else out
+
+
+def random_resized_crop(data: bytes, rng: np.random.Generator | None, size: int, *,
+                        area: tuple[float, float] = (0.4, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        flip: bool = False) -> np.ndarray:
+    """Random resized crop to uint8 (size, size, 3), decoding no more pixels than it needs.
+
+    The box is drawn on the full-resolution (header) size exactly as augment.clipa_crop /
+    images.inception_crop draw it (area fraction uniform in `area`, aspect log-uniform in
+    `ratio`; rng None: the centre square of the short side). The image is decoded at the
+    smallest scale M/8 that keeps the box's short side >= size decoded pixels (full size for
+    non-JPEGs) and the box is resized to size × size (bilinear; area average when the decoded
+    box is 2·size or more, i.e. for non-JPEGs). rng use, in order: the box
+    draws of sample_crop, then — only if flip — one rng.random(), < 0.5 mirroring the output
+    left-right. rng None: centre crop, never flipped.
+    """
+    if size < 1:
+        raise ValueError(f"random_resized_crop: size must be >= 1, got {size!r}")
+    if not 0 < area[0] <= area[1] <= 1:
+        raise ValueError(f"random_resized_crop: area must satisfy 0 < lo <= hi <= 1, "
+                         f"got {area!r}")
+    header = _jpeg_header(data)
+    # non-JPEGs: the full decode gives the size (no randomness involved, so the order of
+    # decode and draws does not change the rng stream)
+    array = _decode_pillow(data) if header is None else None
+    height, width = header if header is not None else array.shape[:2]
+    if rng is None:
+        side = min(width, height)
+        x, y, w, h = (width - side) // 2, (height - side) // 2, side, side
+    else:
+        x, y, w, h = sample_crop(width, height, rng, area, ratio)
+    mirror = flip and rng is not None and rng.random() < 0.5
+    m = 8
+    if array is None:
+        # the box's short side is min(w, h) · m / 8 decoded pixels (exact, not rounded up)
+        m = next((k for k in _FAST_SCALES if min(w, h) * k >= 8 * size), 8)
+        array, m = _decode(data, header, m)
+    scale = m / 8
+    box = (x * scale, y * scale, min((x + w) * scale, array.shape[1]),
+           min((y + h) * scale, array.shape[0]))
+    return _resize_box(array, box, size, mirror)
