@@ -204,7 +204,7 @@ def clipa_config(*, image: str, text: str, embed_dim: int, arg: str | None,
     c.data = ml_collections.ConfigDict(dict(
         source="webdataset", shards=args.shards or None, tokenizer=args.tokenizer or None,
         image_size=stage.image_size, context_length=32, text_tokens=stage.text_tokens,
-        text_reduction="truncate", crop_area=(0.4, 1.0), shuffle_buffer=250_000,
+        text_reduction="truncate", crop_area=(0.4, 1.0), flip=False, shuffle_buffer=250_000,
         # ~9 GiB of encoded DataComp samples (~35 KB each); the byte bound guards a host
         # against shards of larger images
         shuffle_buffer_bytes=12 << 30, interleave=8, max_bad_fraction=0.2, num_workers=32))

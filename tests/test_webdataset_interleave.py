@@ -398,6 +398,11 @@ def test_ordered_batches_do_not_depend_on_threads_and_resume_exactly(shards):
     assert state["stats"]["bad_images"] == unusable
     assert stats_then.bad_images >= unusable
     again.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        next(again)  # not a hang
+    again.set_state(state)  # and a closed iterator can start again
+    assert [next(again)["number"].tolist() for _ in range(6)] == want
+    again.close()
 
 
 def test_ordered_batches_raise_the_transform_error_and_stay_failed(shards):

@@ -232,7 +232,9 @@ def decode_reduced(data: bytes, min_side: int) -> Image.Image:
 def clipa_crop(data: bytes, rng: np.random.Generator | None, size: int, *,
                area: tuple[float, float] = (0.4, 1.0),
                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-    """Low-resolution CLIPA input, uint8 (size, size, 3).
+    """Low-resolution CLIPA input, uint8 (size, size, 3), all in Pillow: the reference that
+    decode.random_resized_crop (libjpeg-turbo + OpenCV, what the input pipeline uses) is
+    measured against in benchmarks/input_pipeline.py.
 
     The crop box is drawn on the header's full-resolution size like images.inception_crop
     (area fraction uniform in `area`, aspect log-uniform in `ratio`; rng None: centre square

@@ -112,6 +112,8 @@ class OrderedBatches:
     def __next__(self) -> dict[str, np.ndarray]:
         if self._error is not None:  # the producer has stopped: keep failing the same way
             raise self._error
+        if self._stop.is_set():  # closed: nothing will come (set_state starts it again)
+            raise RuntimeError("OrderedBatches: next() after close(); call set_state() first")
         batch, state, error = self._queue.get()
         if error is not None:
             self._error = error

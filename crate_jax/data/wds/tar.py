@@ -31,7 +31,7 @@ _MAX_META_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 
 class TarError(Exception):
-    pass
+    """A shard that is not a readable tar from some byte on."""
 
 
 class NotATar(TarError):
