@@ -1,5 +1,7 @@
 """White-box analysis of trained CRATE / CRATE-α runs: the paper's layer-wise figure, attention
-maps, PCA of the patch features and emergent segmentation.
+maps, PCA of the patch features and emergent segmentation. Any run with a CRATE image model:
+classifiers, CLIPA's image tower, a masked autoencoder's encoder (and its CRATE decoder:
+layerwise_autoencoder.png), SimDINO's teacher backbone.
 
     python -m crate_jax.analyze --workdir=RUN [--workdir=RUN2 ...] [--random-init] \
         --data=synthetic_shapes --out=DIR
@@ -47,8 +49,9 @@ class Run:
     name: str
     source: str
     config: Any  # ml_collections.ConfigDict
-    model: Any  # VisionTransformer (the image tower of a CLIP model)
+    model: Any  # VisionTransformer (the image tower of a CLIP model, an MAE's encoder, ...)
     step: int | None = None
+    full: Any = None  # the task's whole model (an MAE with its decoder, SimDINO's pair)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -63,8 +66,12 @@ def _read_config(path: str, flag: str):
 
 
 def _image_tower(model, config, flag: str):
+    """The image model inside a task's model: CLIP's image tower, a masked autoencoder's
+    encoder ('backbone'), SimDINO's teacher backbone, or the model itself."""
     from crate_jax.models.vision import VisionTransformer
-    tower = getattr(model, "image", model)
+    teacher = getattr(model, "teacher", None)
+    tower = (getattr(model, "image", None) or getattr(model, "backbone", None)
+             or getattr(teacher, "backbone", None) or model)
     if not isinstance(tower, VisionTransformer):
         raise ValueError(f"{flag}: config trainer {config.get('trainer')!r} builds "
                          f"{type(model).__name__}, not an image model")
@@ -92,7 +99,7 @@ def _initial_state(config_json: str, seed: int, flag: str):
     import ml_collections
     from flax import nnx
     task = _task(ml_collections.ConfigDict(json.loads(config_json)), flag)
-    abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(params=0, dropout=1)))
     graphdef, _ = nnx.split(abstract)
 
     def init():
@@ -129,8 +136,9 @@ def load_workdir(workdir: str) -> Run:
         raise FileNotFoundError(f"--workdir: {workdir} has no checkpoint in {ckpt}")
     model, tower = build_model(config, seed=int(config.get("seed", 0)), flag="--workdir")
     _with_params(model, final_params(workdir))
-    tower.eval()
-    return Run(os.path.basename(os.path.normpath(workdir)), workdir, config, tower, max(steps))
+    model.eval()
+    return Run(os.path.basename(os.path.normpath(workdir)), workdir, config, tower, max(steps),
+               model)
 
 
 def load_checkpoint(path: str) -> Run:
@@ -139,7 +147,7 @@ def load_checkpoint(path: str) -> Run:
     from etils import epath
 
     from crate_jax.train.checkpoint import Checkpointer
-    path = os.path.normpath(path)
+    path = os.path.abspath(path)  # orbax takes absolute paths only
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--checkpoint: {path} does not exist")
     step = None
@@ -163,16 +171,16 @@ def load_checkpoint(path: str) -> Run:
         checkpointer.close()
     model, tower = build_model(config, seed=int(config.get("seed", 0)), flag="--checkpoint")
     _with_params(model, params)
-    tower.eval()
+    model.eval()
     name = f"{os.path.basename(workdir)}@{step}"
-    return Run(name, path, config, tower, step)
+    return Run(name, path, config, tower, step, model)
 
 
 def random_init(run: Run) -> Run:
     """The run's model at initialisation (its config's seed: the trained run's start point)."""
-    _, tower = build_model(run.config, seed=int(run.config.get("seed", 0)))
-    tower.eval()
-    return Run("random init", f"random init of {run.name}", run.config, tower, 0)
+    model, tower = build_model(run.config, seed=int(run.config.get("seed", 0)))
+    model.eval()
+    return Run("random init", f"random init of {run.name}", run.config, tower, 0, model)
 
 
 def normalization_constants(config) -> tuple[np.ndarray, np.ndarray]:
@@ -252,6 +260,36 @@ def run_model(run: Run, images: np.ndarray, *, batch: int, layer: int, normaliza
         for k, v in out.items():
             parts.setdefault(k, []).append(np.asarray(v)[:real])
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _decoder_summaries(runs: list[Run], summaries: list[dict], images: np.ndarray,
+                       args) -> list[dict]:
+    """Adds 'decoder' (Rᶜ through the CRATE decoder) to the summary of every masked
+    autoencoder run; returns those summaries."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from crate_jax.whitebox.autoencoder import decoder_summary, has_crate_decoder, measure_decoder
+    out = []
+    for run, summary in zip(runs, summaries, strict=True):
+        if not has_crate_decoder(run.full):
+            continue
+        mean, std = normalization_constants(run.config)
+        graphdef, state = nnx.split(run.full)
+
+        @jax.jit
+        def forward(state, x, graphdef=graphdef, mean=mean, std=std):
+            x = (x.astype(jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
+            return measure_decoder(nnx.merge(graphdef, state), x,
+                                   normalization=args.normalization, eps=args.eps)
+
+        parts = [jax.device_get(forward(state, images[i:i + args.batch]))
+                 for i in range(0, len(images), args.batch)]
+        summary["decoder"] = decoder_summary(
+            {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+        out.append(summary)
+    return out
 
 
 def run_summary(run: Run, measured: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -518,11 +556,16 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
                 "eps": args.eps if args.eps is not None else
                 (0.1 if args.normalization == "reference" else 0.5),
                 "include_cls": not args.exclude_cls, "attention_layer": layer}
+    autoencoders = _decoder_summaries(measured_runs, summaries, data["image"], args)
     layerwise = {"settings": settings, "runs": summaries}
     with open(os.path.join(args.out, "layerwise.json"), "w") as f:
         json.dump(layerwise, f, indent=1)
     plot_layerwise(summaries, os.path.join(args.out, "layerwise.png"),
                    normalization=args.normalization)
+    if autoencoders:
+        from crate_jax.whitebox.autoencoder import plot_autoencoder
+        plot_autoencoder(autoencoders, os.path.join(args.out, "layerwise_autoencoder.png"),
+                         normalization=args.normalization)
 
     first = measured[primary.name]
     show = min(args.show, len(data["image"]))

@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.profile = ml_collections.ConfigDict({"start_step": -1, "num_steps": 0})
     c.init_from = None  # a workdir or checkpoint directory to finetune from
     c.init_step = None
+    c.init_prefix = None  # only the parameters below this path, e.g. "backbone" (MAE)
     c.reinit_head = True
     # classification: Mixup / CutMix Beta alphas (0 = off), overridable from the command line
     c.mixup = 0.0
@@ -233,3 +234,44 @@ def clipa_config(*, image: str, text: str, embed_dim: int, arg: str | None,
     if args.smoke:
         smoke_clip(c)
     return c
+
+
+def mae_model_fields(c: ml_collections.ConfigDict) -> None:
+    """A masked autoencoder's decoder settings as typed model fields, so that the command
+    line can set them (--config.model.decoder_depth=4)."""
+    for key, kind in (("decoder_width", int), ("decoder_depth", int), ("decoder_heads", int),
+                      ("mask_in_encoder", bool)):
+        c.model[key] = config_dict.placeholder(kind)
+
+
+def smoke_mae(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Smoke mode for masked-autoencoder configs: a toy model of the same family (and
+    decoder kind), 16 px synthetic shapes, small evaluation splits, a few steps."""
+    family = c.model.name.split("-mae-")[0]
+    smoke(c, model_name=c.model.name, image_size=16, patch=4)
+    c.model.name = f"{family}-mae-{'ti' if family == 'vit' else 't'}/4"
+    c.model.overrides = ml_collections.ConfigDict(dict(width=32, depth=2, heads=2))
+    if family == "vit":
+        c.model.overrides.update(decoder_width=32, decoder_depth=1, decoder_heads=2)
+    _smoke_probe_evals(c)
+    return c
+
+
+def smoke_simdino(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Smoke mode for SimDINO configs: a toy backbone of the same family, 16 px global and
+    8 px local views, a small head, small evaluation splits, a few steps."""
+    smoke(c, image_size=16, patch=4)
+    c.model.overrides.pool = "gap"
+    c.head = ml_collections.ConfigDict(dict(hidden=32, dim=16))
+    c.data.local_crops, c.data.local_size = 2, 8
+    _smoke_probe_evals(c)
+    return c
+
+
+def _smoke_probe_evals(c: ml_collections.ConfigDict) -> None:
+    for spec in c.evals.values():
+        spec.num_examples, spec.num_classes = 32, 4
+        spec.split = "test"
+        if "train_split" in spec:
+            spec.train_split, spec.num_train_examples = "train", 64
+    c.eval_batch_size = 16

@@ -171,6 +171,31 @@ def ista_three_matmul(x: ArrayLike, W: ArrayLike, eta: float, lam: float) -> Arr
     return relu(x + eta * (x @ W - (x @ W.T) @ W) - eta * lam)
 
 
+def crate_decoder_layer(
+    z: ArrayLike, ln_scale: ArrayLike, ln_bias: ArrayLike, W: ArrayLike,
+    attn_ln_scale: ArrayLike, attn_ln_bias: ArrayLike, U: ArrayLike, U_out: ArrayLike,
+    b_out: ArrayLike, *, heads: int, eps: float,
+) -> Array:
+    """CRATE decoder layer (DESIGN.md §1, CRATE autoencoder blocks):
+    G = LN(z) W^T, then z' = G - MSSA(LN(G))."""
+    g = layer_norm(z, ln_scale, ln_bias, eps) @ _f64(W).T
+    o, _ = mssa(layer_norm(g, attn_ln_scale, attn_ln_bias, eps), U, U_out, b_out, heads=heads)
+    return g - o
+
+
+def masked_patch_mse(pred: ArrayLike, images: ArrayLike, mask: ArrayLike, patch: int,
+                     norm_pix: bool) -> Array:
+    """MAE loss per example: mean over masked patches of the per-patch pixel MSE, targets
+    optionally standardised per patch (mean 0, var 1, + 1e-6 under the root)."""
+    target = patchify(images, patch)
+    if norm_pix:
+        target = (target - target.mean(-1, keepdims=True)) / np.sqrt(
+            target.var(-1, keepdims=True) + 1e-6)
+    per_patch = ((_f64(pred) - target) ** 2).mean(-1)
+    m = np.asarray(mask, np.float64)
+    return (per_patch * m).sum(-1) / m.sum(-1)
+
+
 def odl(
     x: ArrayLike, D: ArrayLike, D1: ArrayLike, eta: float, lam: float, steps: int
 ) -> tuple[Array, Array]:

@@ -3,40 +3,39 @@ reports come from the train step it compiles anyway, and do not depend on how ma
 the step is split over (XLA's cost analysis of a sharded program is per device)."""
 
 import os
-import re
-import subprocess
-import sys
 
 import pytest
-from multiprocess_utils import FAST_COMPILE
 
 from crate_jax.train.metrics import Throughput
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _reported_gflops(tmp_path, devices: int) -> float:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-                                       f"{FAST_COMPILE}")
-    out = subprocess.run(
-        [sys.executable, "-m", "crate_jax.main",
-         f"--config={ROOT}/configs/demo_classification.py:smoke",
-         f"--workdir={tmp_path}/run_{devices}", "--config.total_steps=1",
-         "--config.eval_every=0", "--config.measure_flops=True"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stdout + out.stderr
-    found = re.search(r"([0-9.eE+-]+) GFLOPs/example/step", out.stdout)
-    assert found, out.stdout
-    assert f"'fsdp': {devices}" in out.stdout, out.stdout  # the step really was sharded
-    return float(found.group(1))
+def _flops_per_example(devices: int) -> float:
+    """The FLOPs per example the trainer reports (crate_jax.train.loop._header: the step's
+    jaxpr FLOPs over the global batch) for the classification smoke run on `devices`."""
+    import jax
+
+    from crate_jax import perf
+    from crate_jax.config_check import load_config
+    from crate_jax.parallel import make_mesh
+    from crate_jax.train.state import build_train_state
+
+    config = load_config(f"{ROOT}/configs/demo_classification.py:smoke")
+    mesh = make_mesh({"fsdp": devices}, jax.devices()[:devices])
+    state = build_train_state(config, mesh)
+    with jax.set_mesh(mesh):
+        traced = state.trace()
+    assert dict(mesh.shape)["fsdp"] == devices  # the step really is sharded
+    return perf.jaxpr_flops(traced.jaxpr) / config.batch_size
 
 
-def test_flops_per_example_on_8_devices_equal_the_1_device_figure(tmp_path):
-    one, eight = _reported_gflops(tmp_path, 1), _reported_gflops(tmp_path, 8)
+def test_flops_per_example_on_8_devices_equal_the_1_device_figure():
+    one, eight = _flops_per_example(1), _flops_per_example(8)
     assert one > 0
-    # the sharded program adds only a few collective/bookkeeping ops; a per-device figure
-    # (the old bug) would be 8x smaller
-    assert eight == pytest.approx(one, rel=0.1), (one, eight)
+    # counted on the traced program of the global batch: a per-device figure (the old bug,
+    # from XLA's cost analysis of the sharded program) would be 8x smaller
+    assert eight == pytest.approx(one, rel=1e-6), (one, eight)
 
 
 def test_throughput_divides_global_flops_by_devices_once(monkeypatch):

@@ -259,3 +259,11 @@ def test_mixup_and_cutmix_keep_label_mass():
     np.testing.assert_allclose(targets[0, 0], kept, atol=1e-6)
     out_images, out_labels = mixing.mix(rng, images, labels, mixup_alpha=0.0, cutmix_alpha=0.0)
     assert out_images is images and out_labels is labels
+
+
+def test_drop_path_trains_through_the_loop(tmp_path):
+    """DropPath's RNG stream advances inside jax.grad in the train step (a regression: the
+    step once reused the outer trace's Variables and raised TraceContextError)."""
+    config = smoke_config(**{"model.drop_path_rate": 0.2})
+    final = train_and_evaluate(config, str(tmp_path))
+    assert final["step"] == 4 and np.isfinite(final["val/loss"])

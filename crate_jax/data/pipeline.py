@@ -124,6 +124,24 @@ def train_iterator(source: Source, *, batch_size: int, seed: int, transform: Tra
                          num_workers=num_workers, prefetch=prefetch, process=(index, count))
 
 
+class _First:
+    def __init__(self, source: Source, num: int):
+        self.source, self.num = source, min(int(num), len(source))
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.num:
+            raise IndexError(f"example {index} of {self.num}")
+        return self.source[index]
+
+
+def first_examples(source: Source, num: int) -> Source:
+    """The first `num` examples of `source` (all of them when it has fewer)."""
+    return _First(source, num)
+
+
 class _Padded:
     """Examples `indices` of a source, padded up to `length` with masked copies of example 0."""
 

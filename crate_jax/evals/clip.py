@@ -20,6 +20,7 @@ from flax import nnx
 from crate_jax.models.state import merge_model
 from crate_jax.parallel import batch_sharding, host_batch_to_global, replicated
 from crate_jax.tasks.base import Evaluator
+from crate_jax.whitebox.coding_rate import coding_rate
 
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
 
@@ -265,21 +266,28 @@ def linear_probe_accuracy(train_x, train_y, test_x, test_y, *, num_classes: int,
 
 
 class ProbeEvaluator(Evaluator):
-    """k-NN and linear-probe accuracy of frozen, normalised image features."""
+    """k-NN and linear-probe accuracy of frozen, normalised image features; with
+    `coding_rate_eps_sq`, also their coding rate R_ε (crate_jax.whitebox.coding_rate) over the
+    test split, the measure of how far the features are from collapse."""
 
     def __init__(self, name: str, train_batches: Batches, test_batches: Batches,
-                 preprocess: Callable[[dict], jax.Array], num_classes: int, k: int = 20):
+                 preprocess: Callable[[dict], jax.Array], num_classes: int, k: int = 20,
+                 coding_rate_eps_sq: float | None = None):
         self.name, self._train, self._test = name, train_batches, test_batches
         self.num_classes, self.k = num_classes, k
+        self.coding_rate_eps_sq = coding_rate_eps_sq
         self._embed = Embedder(lambda m, b: m.encode_image(preprocess(b)))
 
     def run(self, graphdef, params, rest, mesh) -> dict[str, float]:
         xtr, ytr = self._embed(graphdef, params, rest, mesh, self._train(), keep=("label",))
         xte, yte = self._embed(graphdef, params, rest, mesh, self._test(), keep=("label",))
         ytr, yte = ytr["label"].astype(np.int32), yte["label"].astype(np.int32)
-        return {
+        out = {
             f"{self.name}/knn_top1": knn_accuracy(xtr, ytr, xte, yte, k=self.k,
                                                   num_classes=self.num_classes),
             f"{self.name}/linear_top1": linear_probe_accuracy(xtr, ytr, xte, yte,
                                                               num_classes=self.num_classes),
         }
+        if self.coding_rate_eps_sq is not None:  # collapse shows as a rate near 0
+            out[f"{self.name}/coding_rate"] = float(coding_rate(xte, self.coding_rate_eps_sq))
+        return out

@@ -128,7 +128,7 @@ class VisionConfig(TowerConfig):
     channels: int = 3
     num_classes: int = 1000
     pool: str = "cls"  # 'cls' token, or 'gap'/'mean': mean of the tokens
-    posemb: str = "learn"  # 'learn' or 'sincos2d' (CRATE always learns its embedding)
+    posemb: str = "learn"  # 'learn' or fixed 'sincos2d' (CRATE-MAE; the CRATE classifier learns)
     stem_bias: bool = True  # bias of the convolutional stem (CRATE-α, ViT)
     head_norm_eps: float | None = None  # final LayerNorm eps; None = layer_norm_eps
 
@@ -143,7 +143,6 @@ class VisionConfig(TowerConfig):
         if self.posemb == "sincos2d":
             _check(self.width % 4 == 0, "width",
                    f"sincos2d position embedding needs width divisible by 4, got {self.width}")
-            _check(self.block != "crate", "posemb", "CRATE uses a learned position embedding")
         _check(self.stem_bias or self.block != "crate", "stem_bias",
                "the 'crate' block's linear patch embedding always has a bias (DESIGN.md §1); "
                "stem_bias applies to 'crate_alpha' and 'vit' only")

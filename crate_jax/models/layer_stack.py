@@ -24,13 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+# The modules whose 'layers' child is a scanned stack: every tower's encoder, and the decoder
+# of a masked autoencoder.
+STACK_PARENTS = ("encoder", "decoder")
+
 
 def _is_index(key: Any) -> bool:
     return isinstance(key, int) or (isinstance(key, str) and key.isdigit())
 
 
 def _layer_dict(parent: Any, key: Any, value: Any) -> bool:
-    return parent == "encoder" and key == "layers" and isinstance(value, Mapping) and bool(value)
+    return (parent in STACK_PARENTS and key == "layers" and isinstance(value, Mapping)
+            and bool(value))
 
 
 def _is_per_layer(value: Mapping) -> bool:
@@ -43,7 +48,7 @@ def is_stacked_path(names: Sequence[Any]) -> bool:
     layer index after it."""
     names = list(names)
     for a, b, c in zip(names, names[1:], names[2:], strict=False):
-        if a == "encoder" and b == "layers":
+        if a in STACK_PARENTS and b == "layers":
             return not _is_index(c)
     return False
 

@@ -19,7 +19,10 @@ import jax
 from flax import nnx
 
 from crate_jax.models import layer_stack
+from crate_jax.models.autoencoder import MAEConfig, MaskedAutoencoder
 from crate_jax.models.config import TextConfig, VisionConfig
+from crate_jax.models.language import create_lm
+from crate_jax.models.lm_config import available_lm
 from crate_jax.models.text import TextTransformer
 from crate_jax.models.vision import VisionTransformer
 
@@ -55,12 +58,53 @@ _NAME = re.compile(r"^(?P<family>clipa-text|crate-alpha-text|crate-alpha|crate|v
                    r"(?P<size>[A-Za-z]+)(?:/(?P<patch>\d+))?$", re.IGNORECASE)
 
 
+# Masked autoencoders (autoencoder.py): 'crate-mae-b/16' (CRATE-MAE: the decoder mirrors the
+# encoder, DESIGN.md §1; ISTA λ = 0.5, LayerNorm eps 1e-6), 'vit-mae-b/16' (MAE's light decoder,
+# 512 wide, 8 deep, 16 heads). Both: fixed 2-D sin-cos position embedding, mean pooling.
+_MAE_NAME = re.compile(r"^(?P<family>crate|vit)-mae-(?P<size>[A-Za-z]+)/(?P<patch>\d+)$",
+                       re.IGNORECASE)
+MAE_DECODER_FIELDS = ("decoder_width", "decoder_depth", "decoder_heads", "mask_in_encoder")
+MAE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "crate": dict(lam=0.5, layer_norm_eps=1e-6, mask_in_encoder=True),
+    "vit": dict(decoder_width=512, decoder_depth=8, decoder_heads=16, mask_in_encoder=False),
+}
+
+
 def available() -> list[str]:
     """Every family-size, for error messages and discovery (any patch size is accepted)."""
     names = [f"{fam}-{size}/P" for fam, block in FAMILIES.items() if "text" not in fam
              for size in VISION_SIZES[block]]
-    return names + [f"{fam}-{size}" for fam in FAMILIES if "text" in fam
-                    for size in _text_sizes(fam)]
+    names += [f"{fam}-mae-{size}/P" for fam in MAE_DEFAULTS for size in VISION_SIZES[fam]]
+    names += [f"{fam}-{size}" for fam in FAMILIES if "text" in fam
+              for size in _text_sizes(fam)]
+    return names + available_lm()
+
+
+def is_language_model(name: str) -> bool:
+    """A causal or masked language model's name ('crate-gpt-small', 'bert-base', ...)."""
+    return name.strip().lower() in {n.lower() for n in available_lm()}
+
+
+def is_autoencoder(name: str) -> bool:
+    return bool(_MAE_NAME.match(name.strip()))
+
+
+def mae_config_for(name: str, **overrides) -> MAEConfig:
+    """The masked-autoencoder configuration for 'crate-mae-b/16' or 'vit-mae-b/16'; overrides
+    are encoder fields, or decoder_width/depth/heads and mask_in_encoder."""
+    match = _MAE_NAME.match(name.strip())
+    if not match:
+        raise ValueError(f"unknown masked-autoencoder name {name!r}; known models: "
+                         f"{', '.join(available())}")
+    family = match["family"].lower()
+    fields = {**MAE_DEFAULTS[family], **overrides}
+    decoder = {k: fields.pop(k) for k in MAE_DECODER_FIELDS if k in fields}
+    encoder = config_for(f"{family}-{match['size']}/{match['patch']}",
+                         **{"num_classes": 0, "posemb": "sincos2d", "pool": "gap", **fields})
+    for key, value in (("width", encoder.width), ("depth", encoder.depth),
+                       ("heads", encoder.heads)):  # CRATE-MAE: the decoder mirrors the encoder
+        decoder.setdefault(f"decoder_{key}", value)
+    return MAEConfig(encoder=encoder, **decoder)
 
 
 def _text_sizes(family: str) -> dict[str, tuple]:
@@ -130,8 +174,12 @@ def create(name: str, *, seed: int = 0, rngs: nnx.Rngs | None = None,
 
     To get the shapes without allocating anything: nnx.eval_shape(lambda: create(name)).
     """
-    cfg = config_for(name, **overrides)
-    return build(cfg, rngs=rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1))
+    rngs = rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1)
+    if is_autoencoder(name):
+        return MaskedAutoencoder(mae_config_for(name, **overrides), rngs=rngs)
+    if is_language_model(name):
+        return create_lm(name, rngs=rngs, **overrides)
+    return build(config_for(name, **overrides), rngs=rngs)
 
 
 def flat_params(tree: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,7 +15,10 @@ from flax import nnx
 def merge_model(graphdef: nnx.GraphDef, params: dict, rest: nnx.State, *,
                 train: bool, rng: jax.Array | None = None) -> nnx.Module:
     """The module for these parameters, in train or eval mode, its dropout streams seeded."""
-    model = nnx.merge(graphdef, params, rest)
+    # copy=True: fresh Variables of this trace, so that a stream the forward pass advances
+    # (DropPath's RNG counter) may be mutated inside jax.grad; reusing rest's own Variables,
+    # made at the outer trace level, raises TraceContextError.
+    model = nnx.merge(graphdef, params, rest, copy=True)
     if train:
         model.train()
         if rng is not None:

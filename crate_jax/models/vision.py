@@ -32,6 +32,7 @@ from crate_jax.models.layers import (
     torch_default_kernel,
     zeros,
 )
+from crate_jax.models.resize import resize_posemb
 
 
 class VisionTransformer(nnx.Module):
@@ -65,15 +66,30 @@ class VisionTransformer(nnx.Module):
                            dtype=jnp.float32, param_dtype=pdt, rngs=rngs)
                      if cfg.num_classes else None)
 
-    def embed(self, images: jax.Array, patch_keep: jax.Array | None = None) -> jax.Array:
+    def embed(self, images: jax.Array, patch_keep: jax.Array | None = None,
+              patch_fill: tuple[jax.Array, jax.Array] | None = None, *,
+              any_size: bool = False) -> jax.Array:
         """Z⁰ = [cls; E] + P, (B, 1 + N, d). `patch_keep` (B, M) keeps only those patches
-        (after their position embedding is added): CLIPA-style token dropping."""
+        (after their position embedding is added): CLIPA-style token dropping, and MAE's
+        visible patches. `patch_fill` = (mask (B, N) bool, token (1, 1, d)) puts the token in
+        place of the masked patches' embeddings, before P is added (CRATE-MAE). `any_size`
+        accepts any image side that the patch divides, the position table resized in 2-D
+        (bilinear) to its grid: DINO's smaller local views."""
         cfg = self.cfg
-        if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
+        side = images.shape[1]
+        other_size = (any_size and images.shape[1] == images.shape[2]
+                      and images.shape[3] == cfg.channels and side % cfg.patch_size == 0)
+        if images.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels) and not other_size:
             raise ValueError(f"images of shape {images.shape[1:]} do not match image_size="
                              f"{cfg.image_size}, channels={cfg.channels} (NHWC expected)")
         patches = self.stem(images.astype(cfg.compute_dtype))
+        if patch_fill is not None:
+            mask, token = patch_fill
+            patches = jnp.where(mask[..., None], token.astype(patches.dtype), patches)
         table = self.posemb().astype(patches.dtype)
+        if side != cfg.image_size:
+            grid = (side // cfg.patch_size,) * 2
+            table = resize_posemb(table, grid, old_grid=cfg.grid).astype(patches.dtype)
         patches = patches + table[:, 1:]
         if patch_keep is not None:
             patches = jnp.take_along_axis(patches, patch_keep[..., None], axis=1)
@@ -82,11 +98,12 @@ class VisionTransformer(nnx.Module):
         return jnp.concatenate([cls, patches], axis=1)
 
     def encode(self, images: jax.Array, *, patch_keep: jax.Array | None = None,
-               collect: bool = False):
+               patch_fill: tuple[jax.Array, jax.Array] | None = None, collect: bool = False,
+               any_size: bool = False):
         """Tokens after the last layer, (B, 1 + N, d), and the intermediates when `collect`:
         tokens_in (B, 1+N, d) and, stacked over layers, tokens_mssa and tokens_out (L, B, 1+N, d),
         codes (L, B, 1+N, d or C·d) and attention (L, B, K, 1+N, 1+N)."""
-        z0 = self.embed(images, patch_keep)
+        z0 = self.embed(images, patch_keep, patch_fill, any_size=any_size)
         z, inter = self.encoder(z0, collect=collect)
         if inter is not None:
             inter["tokens_in"] = z0
@@ -98,8 +115,9 @@ class VisionTransformer(nnx.Module):
         return tokens.mean(1) if self.cfg.block == "crate" else tokens[:, 1:].mean(1)
 
     def __call__(self, images: jax.Array, *, patch_keep: jax.Array | None = None,
-                 collect: bool = False):
-        z, inter = self.encode(images, patch_keep=patch_keep, collect=collect)
+                 collect: bool = False, any_size: bool = False):
+        z, inter = self.encode(images, patch_keep=patch_keep, collect=collect,
+                               any_size=any_size)
         if self.cfg.block == "crate":
             features = self.norm(self.pool(z))
         else:

@@ -2,6 +2,8 @@
 
 from crate_jax.tasks.base import Evaluator, Task
 
+TASKS = ("classification", "contrastive", "mae", "simdino")
+
 
 def get(name: str) -> type[Task]:
     """The task class for `config.trainer`."""
@@ -11,7 +13,13 @@ def get(name: str) -> type[Task]:
     if name == "contrastive":
         from crate_jax.tasks.contrastive import ContrastiveTask
         return ContrastiveTask
-    raise ValueError(f"trainer: unknown task {name!r}; known: 'classification', 'contrastive'")
+    if name == "mae":
+        from crate_jax.tasks.mae import MAETask
+        return MAETask
+    if name == "simdino":
+        from crate_jax.tasks.simdino import SimDINOTask
+        return SimDINOTask
+    raise ValueError(f"trainer: unknown task {name!r}; known: {', '.join(map(repr, TASKS))}")
 
 
-__all__ = ["Evaluator", "Task", "get"]
+__all__ = ["TASKS", "Evaluator", "Task", "get"]

@@ -15,9 +15,12 @@ from flax import nnx
 
 
 class Evaluator(abc.ABC):
-    """Runs periodically on the current parameters; returns metrics named '{name}/...'."""
+    """Runs periodically on the current parameters; returns metrics named '{name}/...'.
+    An evaluator that writes files (figures) writes them into `output_dir`, which the training
+    loop sets to the workdir once it exists (None: write nothing)."""
 
     name: str
+    output_dir: str | None = None
 
     @abc.abstractmethod
     def run(self, graphdef: nnx.GraphDef, params: dict, rest: nnx.State,
@@ -60,6 +63,16 @@ class Task(abc.ABC):
         """The loss over a whole batch of `features` (with the model's own parameters, e.g. a
         temperature): loss(model, batch) = features_loss(model, features(model, batch))."""
         raise NotImplementedError(f"{type(self).__name__} has no per-example features")
+
+    def frozen_groups(self) -> tuple[str, ...]:
+        """Parameter paths the optimizer never updates, whatever config.freeze says: state the
+        task updates itself in `after_update` (an EMA teacher)."""
+        return ()
+
+    def after_update(self, params: dict, step: jax.Array) -> dict:
+        """The parameters after the optimizer's update of `step` (0-based), traced inside the
+        train step: a task's own update rule for its frozen groups. Default: unchanged."""
+        return params
 
     def evaluators(self) -> list[Evaluator]:
         return []

@@ -27,7 +27,7 @@ from crate_jax.models.resize import adapt_for_finetune
 from crate_jax.parallel import replicated
 from crate_jax.train.checkpoint import Checkpointer
 
-__all__ = ["finetune_params", "load_towers"]
+__all__ = ["check_init_from", "finetune_params", "load_towers"]
 
 
 def _checkpointer(source: str) -> tuple[Checkpointer, epath.Path]:
@@ -51,6 +51,24 @@ def _nest(flat: Mapping[str, Any], like: Mapping, prefix: str = "") -> dict:
     return out
 
 
+def _check_prefix(prefix: str | None, saved: Mapping, directory, step: int) -> str:
+    """config.init_prefix as 'a/b/' ('' for none), checked against the saved parameters."""
+    if not prefix:
+        return ""
+    prefix = prefix.strip("/") + "/"
+    if not any(p.startswith(prefix) for p in flat_params(saved)):
+        raise ValueError(f"init_prefix={prefix[:-1]!r}: {directory} step {step} holds no "
+                         f"parameters below it; its top-level groups are {sorted(saved)} "
+                         "(a masked autoencoder's encoder is 'backbone', SimDINO's "
+                         "'teacher/backbone')")
+    return prefix
+
+
+def _under(flat: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries of a flat parameter dict below `prefix`, with the prefix removed."""
+    return {p[len(prefix):]: v for p, v in flat.items() if p.startswith(prefix)}
+
+
 def _is_head(path: str) -> bool:
     return path == "head" or path.startswith("head/")
 
@@ -61,17 +79,14 @@ def _abstract(tree: Any) -> Any:
                         tree)
 
 
-def finetune_params(config: Any, params: dict, shardings: dict,
-                    mesh: jax.sharding.Mesh) -> dict:
-    """Parameters from config.init_from (another run's workdir or checkpoint directory, step
-    config.init_step or the latest), adapted to this model: fresh head (config.reinit_head),
-    position embedding and patch stem resized. `params` are this model's fresh parameters in
-    `shardings`; the result is in `shardings` too."""
+def _plan(config: Any, params: dict):
+    """What a finetune reads and how it adapts it, from the source's metadata alone."""
     checkpointer, directory = _checkpointer(config.init_from)
     step, saved = checkpointer.saved_params(config.get("init_step"))
     reinit_head = config.get("reinit_head", True)
-    source, target = flat_params(saved), flat_params(params)
-
+    prefix = _check_prefix(config.get("init_prefix"), saved, directory, step)
+    source = _under(flat_params(saved), prefix)
+    target = flat_params(params)
     notes: list[str] = []
 
     def adapt(kept: dict, resized: dict, heads: dict) -> dict:
@@ -86,14 +101,36 @@ def finetune_params(config: Any, params: dict, shardings: dict,
     heads = {p: v for p, v in target.items() if _is_head(p)}
     # Every problem is reported here, from the shapes alone, before anything is read.
     jax.eval_shape(adapt, source, {}, heads)
+    return checkpointer, directory, step, saved, prefix, source, target, adapt, heads, notes
+
+
+def check_init_from(config: Any, abstract_params: dict) -> None:
+    """Every problem finetune_params would meet (no checkpoint, a wrong init_prefix, keys or
+    shapes that cannot be adapted), from metadata and shapes only: run before the workdir is
+    written."""
+    checkpointer = _plan(config, abstract_params)[0]
+    checkpointer.close()
+
+
+def finetune_params(config: Any, params: dict, shardings: dict,
+                    mesh: jax.sharding.Mesh) -> dict:
+    """Parameters from config.init_from (another run's workdir or checkpoint directory, step
+    config.init_step or the latest; only those below config.init_prefix when set, e.g.
+    'backbone' for a masked autoencoder's encoder), adapted to this model: fresh head
+    (config.reinit_head), position embedding and patch stem resized. `params` are this
+    model's fresh parameters in `shardings`; the result is in `shardings` too."""
+    (checkpointer, directory, step, saved, prefix, source, target, adapt, heads,
+     notes) = _plan(config, params)
+    reinit_head = config.get("reinit_head", True)
     wanted = {}
     for path, fresh in target.items():
         have = source.get(path)
         if have is None or (_is_head(path) and (reinit_head or have.shape != fresh.shape)):
             continue  # the fresh value is kept
         sharding = fresh.sharding if have.shape == fresh.shape else replicated(mesh)
-        wanted[path] = jax.ShapeDtypeStruct(have.shape, have.dtype, sharding=sharding)
-    loaded = flat_params(checkpointer.restore_param_subset(step, _nest(wanted, saved)))
+        wanted[prefix + path] = jax.ShapeDtypeStruct(have.shape, have.dtype, sharding=sharding)
+    loaded = _under(flat_params(checkpointer.restore_param_subset(step, _nest(wanted, saved))),
+                    prefix)
     kept = {p: v for p, v in loaded.items() if v.shape == target[p].shape}
     resized = {p: v for p, v in loaded.items() if p not in kept}
     # the kept leaves are already in their target shardings: donated, they become the output

@@ -40,7 +40,7 @@ from crate_jax.parallel import (
 from crate_jax.parallel.sharding import data_parallel_size
 from crate_jax.train import logfile, signals
 from crate_jax.train.checkpoint import Checkpointer
-from crate_jax.train.finetune import finetune_params, load_towers
+from crate_jax.train.finetune import check_init_from, finetune_params, load_towers
 from crate_jax.train.metrics import MetricWriter, Throughput, progress_line
 from crate_jax.train.state import TrainState, build_train_state
 from crate_jax.train.step import group_counts
@@ -196,6 +196,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
     if state.undivided and jax.process_index() == 0:
         logging.warning("%s", format_undivided(state.undivided))
     resolved = check_workdir_config(config, workdir)
+    if config.get("init_from") and not (workdir / "checkpoints").exists():
+        check_init_from(config, state.abstract_state["params"])  # a fresh start only
     return _Run(config, workdir, state, local_batch, resolved, _StopSignal())
 
 
@@ -209,9 +211,10 @@ def _initial_state(run: _Run, params: dict) -> tuple[dict, int]:
     if config.get("init_towers") and fresh:
         params = load_towers(config.init_towers, params, built.param_shardings)
     loaded = config.get("init_from") or config.get("init_towers")
-    if built.frozen and not loaded and fresh:
+    frozen = tuple(config.get("freeze") or ())
+    if frozen and not loaded and fresh:
         logging.warning("freeze: %s stay at their random initialisation (no init_towers or "
-                        "init_from loads them)", ", ".join(built.frozen))
+                        "init_from loads them)", ", ".join(frozen))
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
              "opt_state": built.init_opt_state(params)}
     start, restored = run.checkpointer.restore_latest(built.abstract_state, run.train_iter)
@@ -301,6 +304,8 @@ def _open_outputs(run: _Run) -> None:
     config, workdir = run.config, run.workdir
     save_workdir_config(run.resolved, workdir)
     logfile.attach(str(workdir), jax.process_index())
+    for evaluator in run.evaluators:  # figures go next to the checkpoints
+        evaluator.output_dir = str(workdir)
     run.checkpointer = Checkpointer(
         workdir / "checkpoints", keep=config.checkpoint.get("keep", 2),
         keep_best=config.checkpoint.get("keep_best", 1),
@@ -357,6 +362,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def final_params(workdir: str) -> dict[str, np.ndarray]:
     """The parameters of the latest checkpoint of a run, as NumPy (for tests and tools)."""
+    # orbax wants absolute paths; a relative workdir (runs/demo) is from the cwd
+    workdir = workdir if "://" in str(workdir) else os.path.abspath(workdir)
     checkpointer = Checkpointer(epath.Path(workdir) / "checkpoints", async_save=False)
     devices = jax.local_devices()[:1]
     sharding = jax.sharding.SingleDeviceSharding(devices[0])

@@ -128,11 +128,11 @@ def build_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
     rules = {**DEFAULT_RULES, **dict(config.get("sharding_rules") or {})}
     # Shapes first, outside the mesh context: the parameters' out_sharding metadata holds
     # logical names, which only our rules (not nnx) translate into mesh axes.
-    abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(params=0, dropout=1)))
     graphdef, params_state, rest = nnx.split(abstract, nnx.Param, ...)
     p_shard = param_shardings(params_state, mesh, rules)
     abstract_params = nnx.to_pure_dict(params_state)
-    frozen = tuple(config.get("freeze") or ())
+    frozen = tuple(config.get("freeze") or ()) + tuple(task.frozen_groups())
     tx, abstract_opt, opt_shard = _optimizer(config, task, abstract_params, frozen, p_shard,
                                              mesh)
     shardings = {"step": replicated(mesh), "params": p_shard, "opt_state": opt_shard}

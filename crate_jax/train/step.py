@@ -183,7 +183,8 @@ def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTran
                     schedule: optax.Schedule, *, seed: int, accum_steps: int = 1,
                     frozen: tuple[str, ...] = (),
                     bounds: dict[str, tuple[float, float]] | None = None,
-                    features: tuple[Callable, Callable] | None = None):
+                    features: tuple[Callable, Callable] | None = None,
+                    after_update: Callable[[dict, jax.Array], dict] | None = None):
     """train_step(state, rest, batch) -> (state, metrics), to be jitted by the caller.
 
     `frozen` top-level parameter groups (e.g. a pretrained text tower) get no gradient, no
@@ -228,6 +229,8 @@ def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTran
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         params = merge_params(clamp_params(optax.apply_updates(trainable, updates),
                                            bounds or {}), fixed)
+        if after_update is not None:  # the task's own rule for its frozen groups (EMA)
+            params = after_update(params, state["step"])
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         metrics = {"train/loss": loss_value, "train/grad_norm": optax.tree.norm(grads),
                    "train/state_finite": all_finite((params, opt_state)),
@@ -266,4 +269,4 @@ def task_train_step(task: Any, config: Any, graphdef: nnx.GraphDef,
     return make_train_step(task.loss, graphdef, tx, schedule, seed=config.seed,
                            accum_steps=accum, frozen=frozen, bounds=task.param_bounds(),
                            features=(task.features, task.features_loss) if use_features
-                           else None)
+                           else None, after_update=task.after_update)
