@@ -489,7 +489,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"images to measure on: {' | '.join(DATA_CHOICES)}")
     p.add_argument("--num-images", type=int, default=256)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", default=None,
+                   help="output directory (default with one --workdir: WORKDIR/analysis)")
     p.add_argument("--layer", type=int, default=-1,
                    help="layer of the attention maps (0-based; negative counts from the end)")
     p.add_argument("--normalization", default="reference", choices=("reference", "paper"),
@@ -512,6 +513,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.workdir and not args.checkpoint:
         p.error("give at least one --workdir=RUN or --checkpoint=PATH")
+    if args.out is None:
+        if len(args.workdir) != 1 or args.checkpoint:
+            p.error("--out is needed unless exactly one --workdir is given")
+        args.out = os.path.join(args.workdir[0], "analysis")
     if args.data not in DATA_CHOICES:
         p.error(f"--data: unknown data {args.data!r}; use one of {', '.join(DATA_CHOICES)}")
     if args.seg_images is None:
@@ -623,9 +628,24 @@ def _fmt(values: list[float]) -> str:
     return " ".join(f"{v:.3g}" for v in values)
 
 
+def _language_run(args: argparse.Namespace) -> bool:
+    """A causal language-model workdir is analysed neuron by neuron (whitebox/neurons.py)."""
+    if len(args.workdir) != 1 or args.checkpoint:
+        return False
+    path = os.path.join(args.workdir[0], "config.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("trainer") == "lm"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if _language_run(args):
+            from crate_jax.whitebox.neurons import analyze_language_run
+            analyze_language_run(args.workdir[0], args.out)
+            return 0
         analyze(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 from crate_jax.tasks.base import Evaluator, Task
 
-TASKS = ("classification", "contrastive", "mae", "simdino")
+TASKS = ("classification", "contrastive", "mae", "simdino", "lm", "mlm")
 
 
 def get(name: str) -> type[Task]:
@@ -19,6 +19,9 @@ def get(name: str) -> type[Task]:
     if name == "simdino":
         from crate_jax.tasks.simdino import SimDINOTask
         return SimDINOTask
+    if name in ("lm", "mlm"):
+        from crate_jax.tasks.language import CausalLMTask, MaskedLMTask
+        return CausalLMTask if name == "lm" else MaskedLMTask
     raise ValueError(f"trainer: unknown task {name!r}; known: {', '.join(map(repr, TASKS))}")
 
 
