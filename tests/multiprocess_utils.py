@@ -97,3 +97,19 @@ class Pair:
         files = [self.logdir / f"process_{process}.log",
                  *sorted((self.multi / "logs").glob(f"*_{process}.log"))]
         return "".join(path.read_text() for path in files)
+
+
+def wait_for_checkpoint(workdir, proc, minimum: int = 4, timeout: float = 240) -> int:
+    """The newest checkpoint step of a running trainer once it is ≥ `minimum` (fails if the
+    process ends first, with its output)."""
+    import time
+    deadline = time.time() + timeout
+    directory = os.path.join(workdir, "checkpoints")
+    while time.time() < deadline:
+        steps = [int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else [])
+                 if d.isdigit()]
+        if steps and max(steps) >= minimum:
+            return max(steps)
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.02)
+    raise TimeoutError("no checkpoint appeared")

@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
+from multiprocess_utils import wait_for_checkpoint
 
 from crate_jax import analyze
 from crate_jax.config_check import load_config
@@ -59,23 +59,10 @@ def _main(task: str, workdir) -> subprocess.Popen:
                             text=True)
 
 
-def _wait_for_checkpoint(workdir, proc, minimum=4, timeout=240) -> int:
-    deadline = time.time() + timeout
-    directory = os.path.join(workdir, "checkpoints")
-    while time.time() < deadline:
-        steps = [int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else [])
-                 if d.isdigit()]
-        if steps and max(steps) >= minimum:
-            return max(steps)
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.02)
-    raise TimeoutError("no checkpoint appeared")
-
-
 @pytest.mark.parametrize("task", sorted(CONFIGS))
 def test_sigkill_then_rerun_is_bitwise_equal(task, tmp_path, uninterrupted):
     proc = _main(task, tmp_path)
-    _wait_for_checkpoint(tmp_path, proc)
+    wait_for_checkpoint(tmp_path, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -115,6 +102,9 @@ def test_mae_encoder_finetunes_into_a_classifier(uninterrupted, tmp_path):
 
 
 def test_analyze_reads_mae_and_simdino_runs(uninterrupted, tmp_path):
+    figure = uninterrupted["mae"] / "reconstruction.png"  # the evaluator's, in the workdir
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (uninterrupted["mae"] / "reconstruction.png.tmp").exists()
     out = tmp_path / "analysis"
     code = analyze.main([f"--workdir={uninterrupted['mae']}",
                          f"--workdir={uninterrupted['simdino']}", "--num-images=8",

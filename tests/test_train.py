@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from multiprocess_utils import wait_for_checkpoint
 
 from crate_jax import parallel
 from crate_jax.tasks import mixing
@@ -66,22 +66,9 @@ def uninterrupted(tmp_path_factory):
     return final_params(str(workdir))
 
 
-def _wait_for_checkpoint(workdir, proc, minimum=4, timeout=240):
-    deadline = time.time() + timeout
-    directory = os.path.join(workdir, "checkpoints")
-    while time.time() < deadline:
-        steps = [int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else [])
-                 if d.isdigit()]
-        if steps and max(steps) >= minimum:
-            return max(steps)
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.02)
-    raise TimeoutError("no checkpoint appeared")
-
-
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, uninterrupted):
     proc = _main(tmp_path, *LONG)
-    _wait_for_checkpoint(tmp_path, proc)
+    wait_for_checkpoint(tmp_path, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -95,7 +82,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, uninterrupted):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
     proc = _main(tmp_path, *LONG)
-    _wait_for_checkpoint(tmp_path, proc, minimum=4)
+    wait_for_checkpoint(tmp_path, proc, minimum=4)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out

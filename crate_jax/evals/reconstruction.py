@@ -15,13 +15,14 @@ rows input | masked input | reconstruction (visible patches as given, hidden one
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Callable, Iterable
 
 import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from crate_jax.evals.classification import masked_sums, run_masked_average
 from crate_jax.models.autoencoder import random_mask
@@ -154,9 +155,13 @@ class ReconstructionEvaluator(Evaluator):
                 axes[r, c].set_yticks([])
             axes[r, 0].set_ylabel(title)
         fig.tight_layout()
-        path = os.path.join(self.output_dir, "reconstruction.png")
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=100)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        # epath: the workdir may be gs://; a local file is replaced atomically, an object
+        # store writes whole objects, so a reader never sees half a figure
+        path = epath.Path(self.output_dir) / "reconstruction.png"
+        tmp = path.parent / "reconstruction.png.tmp"
+        tmp.write_bytes(buffer.getvalue())
+        tmp.rename(path)
+        return str(path)

@@ -33,6 +33,20 @@ def normalize(images: jax.Array, mean, std) -> jax.Array:
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+def image_preprocess(data, batch: dict) -> jax.Array:
+    """A host batch's uint8 images, normalised with data.mean / data.std (ImageNet's by
+    default): every image task's model input."""
+    return normalize(batch["image"], data.get("mean", IMAGENET_MEAN),
+                     data.get("std", IMAGENET_STD))
+
+
+def image_train_data(data, batch_size: int, seed: int, transform):
+    """The grain training iterator over data.train_split with a per-example `transform`."""
+    return pipeline.train_iterator(
+        image_data.image_source(data, data.train_split), batch_size=batch_size, seed=seed,
+        transform=transform, num_workers=data.get("num_workers", 0))
+
+
 class ClassificationTask(Task):
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         cfg = self.config.model
@@ -46,15 +60,11 @@ class ClassificationTask(Task):
                                  **config_utils.model_overrides(self.config.model)).depth
 
     def preprocess(self, batch: dict) -> jax.Array:
-        data = self.config.data
-        return normalize(batch["image"], data.get("mean", IMAGENET_MEAN),
-                         data.get("std", IMAGENET_STD))
+        return image_preprocess(self.config.data, batch)
 
     def train_data(self, batch_size: int, seed: int):
         data = self.config.data
-        return pipeline.train_iterator(
-            image_data.image_source(data, data.train_split), batch_size=batch_size, seed=seed,
-            transform=image_data.train_transform(data), num_workers=data.get("num_workers", 0))
+        return image_train_data(data, batch_size, seed, image_data.train_transform(data))
 
     def targets(self, batch: dict) -> jax.Array:
         num_classes = self.config.data.num_classes

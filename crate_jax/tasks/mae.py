@@ -28,7 +28,7 @@ from crate_jax.evals.reconstruction import ReconstructionEvaluator, masked_mse, 
 from crate_jax.models.autoencoder import random_mask
 from crate_jax.models.layers import patchify
 from crate_jax.tasks.base import Task
-from crate_jax.tasks.classification import IMAGENET_MEAN, IMAGENET_STD, normalize
+from crate_jax.tasks.classification import image_preprocess, image_train_data
 
 MASK_STREAM = 0x4D41  # folded into the step's key: the mask draws apart from dropout's
 
@@ -60,15 +60,11 @@ class MAETask(Task):
         return models.registry.mae_config_for(self.config.model.name, **overrides).encoder.depth
 
     def preprocess(self, batch: dict) -> jax.Array:
-        data = self.config.data
-        return normalize(batch["image"], data.get("mean", IMAGENET_MEAN),
-                         data.get("std", IMAGENET_STD))
+        return image_preprocess(self.config.data, batch)
 
     def train_data(self, batch_size: int, seed: int):
         data = self.config.data
-        return pipeline.train_iterator(
-            image_data.image_source(data, data.train_split), batch_size=batch_size, seed=seed,
-            transform=image_data.train_transform(data), num_workers=data.get("num_workers", 0))
+        return image_train_data(data, batch_size, seed, image_data.train_transform(data))
 
     def reconstruction(self, model, images: jax.Array, mask: jax.Array, visible: jax.Array
                        ) -> tuple[jax.Array, jax.Array]:

@@ -12,7 +12,8 @@ L2-normalised (models/simdino.py):
 DINO's prototype softmax, centring and sharpening are gone; the coding-rate term keeps the
 features from collapsing. After every update the teacher follows the student by EMA with
 momentum m(step) = 1 − (1 − m₀)·(cos(π·step/T) + 1)/2, rising from m₀ = teacher_momentum to
-teacher_momentum_end (1.0) over T = total_steps (DINO's schedule). Evaluators ('probe'): k-NN
+teacher_momentum_end (1.0) over T = optim.total_steps (DINO's schedule; like the learning
+rate's, it does not move when a resumed run raises total_steps). Evaluators ('probe'): k-NN
 and linear probe on the teacher backbone's pooled features, their coding rate, and, with
 `random_init=True`, the same for the backbone at its initialisation (the baseline).
 """
@@ -33,7 +34,7 @@ from crate_jax.evals.baseline import AtInitialisation
 from crate_jax.evals.clip import ProbeEvaluator
 from crate_jax.models.simdino import HeadConfig, SimDINOModel, ema
 from crate_jax.tasks.base import Task
-from crate_jax.tasks.classification import IMAGENET_MEAN, IMAGENET_STD, normalize
+from crate_jax.tasks.classification import image_preprocess, image_train_data
 from crate_jax.whitebox.coding_rate import coding_rate
 
 DEFAULT_EPS_SQ = 0.5
@@ -79,13 +80,12 @@ class SimDINOTask(Task):
     def after_update(self, params: dict, step: jax.Array) -> dict:
         c = self.config
         m = teacher_momentum(step + 1, c.get("teacher_momentum", 0.996),
-                             c.get("teacher_momentum_end", 1.0), c.total_steps)
+                             c.get("teacher_momentum_end", 1.0),
+                             c.optim.get("total_steps", c.total_steps))
         return {**params, "teacher": ema(params["teacher"], params["student"], m)}
 
     def preprocess(self, batch: dict) -> jax.Array:
-        data = self.config.data
-        return normalize(batch["image"], data.get("mean", IMAGENET_MEAN),
-                         data.get("std", IMAGENET_STD))
+        return image_preprocess(self.config.data, batch)
 
     def _views(self, views: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
         """uint8 (B, V, S, S, 3) → normalised (B·V, S, S, 3)."""
@@ -95,10 +95,7 @@ class SimDINOTask(Task):
 
     def train_data(self, batch_size: int, seed: int):
         data = self.config.data
-        return pipeline.train_iterator(
-            image_data.image_source(data, data.train_split), batch_size=batch_size, seed=seed,
-            transform=multicrop.multicrop_transform(data),
-            num_workers=data.get("num_workers", 0))
+        return image_train_data(data, batch_size, seed, multicrop.multicrop_transform(data))
 
     def loss(self, model, batch, rng):
         c = self.config
