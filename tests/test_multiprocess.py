@@ -13,8 +13,8 @@ The 2-process run is also preempted: SIGTERM to process 1 alone, right after jax
 is up; both processes must stop at the same step with a checkpoint, and the same command
 resumes and finishes. So the losses compared at steps 2, 4, 6 come from a resumed run.
 
-Both runs use `--xla_backend_optimization_level=0` (same numerics in both, about half the CPU
-compile time). The module takes 50 to 70 s on the 2-core development machine.
+Both runs use the suite's quick-compile XLA flags (multiprocess_utils.FAST_COMPILE: the same
+numerics in both, about half the CPU compile time).
 """
 
 import json

@@ -10,7 +10,7 @@ multiprocess.sh) against 1 process × 8 devices fed the same global batches, for
 
 Losses, gradient norms and every evaluation metric must agree (rtol 1e-5: only the reduction
 order of the collectives differs). The three pairs run in two stages (the finetune loads the
-mixup run's 2-process checkpoint), all with --xla_backend_optimization_level=0.
+mixup run's 2-process checkpoint), all with the suite's quick-compile XLA flags.
 
 In-process checks on 8 fake devices: the compiled train step with Mixup/CutMix holds no
 all-gather of the images (each device mixes its own shard), each shard's mix equals `mix` on
