@@ -2,11 +2,18 @@
 
     python -m crate_jax.main --config=configs/demo_simdino.py
 
-Student and EMA teacher see 2 global 32 px views and 4 local 16 px views of each image (the
-labels are never used for training). Reported: the k-NN and linear probe of the teacher's
-features on the 8 shape classes next to the same probes of the backbone at its random
-initialisation, and the coding rate of the features (near 0 would mean collapse).
-`:smoke` shrinks it to seconds.
+Student and EMA teacher see 2 global 32 px views of each image (the labels are never used for
+training). Reported: the k-NN and linear probe of the teacher's features on the 8 shape classes
+next to the same probes of the backbone at its random initialisation, and the coding rate of
+the features (near 0 would mean collapse). `:smoke` shrinks it to seconds.
+
+Choices made for this data, each measured on the 2-core machine:
+- Local views are off (data.local_crops=0): at 16 px and patch 8 a local view is 4 tokens,
+  and with 2 of them the k-NN probe fell below the random initialisation's (0.162 against
+  0.170 after 500 steps). `:smoke` keeps 2, so the suite still runs the multi-crop path.
+- The shapes stand on plain grey (data.background='plain'). The default textured background
+  is unique to each image and survives every crop and colour jitter: it tells two views of
+  one image apart from the others without any shape in it.
 """
 
 import ml_collections
@@ -26,9 +33,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.coding_rate_weight = 0.02
     c.eps_sq = 0.5
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic_shapes", image_size=32, num_classes=8, num_train_examples=20_000,
+        source="synthetic_shapes", background="plain", image_size=32, num_classes=8,
+        num_train_examples=20_000,
         num_eval_examples=1_000, train_split="train", eval_split="test", num_workers=0,
-        global_crops=2, local_crops=2, local_size=16, global_scale=(0.5, 1.0),
+        global_crops=2, local_crops=0, local_size=16, global_scale=(0.3, 1.0),
         local_scale=(0.2, 0.5), color_jitter=0.4, hue=0.5, jitter_prob=0.8,
         grayscale_prob=0.2,
         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
@@ -38,12 +46,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
     c.batch_size = 64
     c.eval_batch_size = 250
-    c.total_steps = 1000
+    c.total_steps = 800
     c.log_every = 100
-    c.eval_every = 500
+    c.eval_every = 400
     c.optim.update(name="adamw", lr=2e-3, b1=0.9, b2=0.99, weight_decay=0.04,
                    warmup_steps=100, total_steps=c.total_steps, schedule="cosine", clip_norm=3.0)
-    c.checkpoint.update(every=500, keep=2, keep_best=1, best_metric="probe/knn_top1")
+    c.checkpoint.update(every=400, keep=2, keep_best=1, best_metric="probe/knn_top1")
     if args.smoke:
         config_utils.smoke_simdino(c)
     return c

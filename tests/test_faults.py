@@ -71,6 +71,7 @@ def test_nan_after_a_good_checkpoint_names_that_checkpoint(tmp_path):
     ({"optim.lr": 1e39}, "optim.lr"),
     ({"model.mlp_dim": 64}, "mlp_dim"),
     ({"freeze": ["txt"]}, "freeze"),
+    ({"data.background": "plane"}, "data.background='plane'"),
 ])
 def test_a_failed_start_leaves_the_workdir_untouched(tmp_path, updates, message):
     workdir = tmp_path / "run"

@@ -172,3 +172,21 @@ def test_registry_sizes_and_parameter_counts():
         models.create("crate-mae-t/4", num_classes=10, **TINY)
     with pytest.raises(ValueError, match="decoder_width"):
         models.create("crate-mae-t/4", decoder_width=30, **TINY)
+
+
+@pytest.mark.parametrize("ratio,message", [(1.5, "mask_ratio=1.5: must be a fraction"),
+                                           (0.99, "mask_ratio=0.99 hides 16 of 16 patches")])
+def test_a_mask_ratio_that_hides_nothing_or_everything_fails_before_the_run(tmp_path, ratio,
+                                                                            message):
+    import os
+    import sys
+
+    from crate_jax.train.loop import train_and_evaluate
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+    import demo_mae
+
+    config = demo_mae.get_config("smoke")
+    config.mask_ratio = ratio
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from multiprocess_utils import wait_for_checkpoint
+from multiprocess_utils import metrics, wait_for_checkpoint
 
 from crate_jax import analyze
 from crate_jax.config_check import load_config
@@ -43,11 +43,12 @@ def _config(task: str, **updates):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Each task's run to STEPS in this process: the reference, and a run to analyse."""
+    """Each task's run to STEPS in this process: the reference, and a run to analyse. It
+    evaluates twice, as the demos do (the second figure replaces the first)."""
     out = {}
     for task in CONFIGS:
         workdir = tmp_path_factory.mktemp(task)
-        train_and_evaluate(_config(task), str(workdir))
+        train_and_evaluate(_config(task, eval_every=STEPS // 2), str(workdir))
         out[task] = workdir
     return out
 
@@ -105,6 +106,9 @@ def test_analyze_reads_mae_and_simdino_runs(uninterrupted, tmp_path):
     figure = uninterrupted["mae"] / "reconstruction.png"  # the evaluator's, in the workdir
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (uninterrupted["mae"] / "reconstruction.png.tmp").exists()
+    rows = metrics(uninterrupted["mae"]).items()
+    evaluated = [step for step, row in rows if "reconstruction/mse" in row]
+    assert evaluated == [STEPS // 2, STEPS]
     out = tmp_path / "analysis"
     code = analyze.main([f"--workdir={uninterrupted['mae']}",
                          f"--workdir={uninterrupted['simdino']}", "--num-images=8",

@@ -143,6 +143,27 @@ def test_classification_shape_area_and_contrast() -> None:
         assert gap > 60
 
 
+def test_plain_background_keeps_the_shape_and_flattens_the_rest() -> None:
+    """background='plain': the same shape, colour and place as the textured image of that
+    index; outside it one grey plus the ±6 pixel noise, where a texture varies far more."""
+    textured, plain = ShapesClassification(seed=3), ShapesClassification(seed=3,
+                                                                         background="plain")
+    spreads = {"texture": [], "plain": []}
+    for i in range(32):
+        (a, ids_a), (b, ids_b) = textured._generate(i), plain._generate(i)
+        np.testing.assert_array_equal(ids_a, ids_b)
+        assert a["label"] == b["label"]
+        np.testing.assert_allclose(a["image"][ids_a == 1].mean(0), b["image"][ids_b == 1].mean(0),
+                                   atol=3)
+        for kind, image in (("texture", a["image"]), ("plain", b["image"])):
+            outside = image[ids_a == 0].astype(np.int64)
+            spreads[kind].append((outside.max(0) - outside.min(0)).max())
+    assert max(spreads["plain"]) <= 12
+    assert min(spreads["texture"]) > 12
+    with pytest.raises(ValueError, match="background"):
+        ShapesClassification(background="plane")
+
+
 @pytest.mark.parametrize("max_objects", [1, 2, 4])
 def test_segmentation_masks_match_rendering(max_objects: int) -> None:
     ds = ShapesSegmentation(max_objects=max_objects, seed=1)

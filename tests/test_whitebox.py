@@ -71,6 +71,30 @@ def test_rate_zero_and_batched():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+CONCURRENT_RATES = """
+import jax, jax.numpy as jnp, numpy as np
+from crate_jax.whitebox.coding_rate import coding_rate
+x = jnp.asarray(np.random.default_rng(0).normal(size=(256, 65, 24)), jnp.float32)
+f = jax.jit(lambda x: sum(coding_rate(x * (k + 1)) for k in range(8)))
+print([float(f(x).sum()) for _ in range(3)])
+"""
+
+
+def test_independent_rates_in_one_program_finish_on_two_cores():
+    """Eight batched rates XLA may run at once, on a 2-thread pool (the analysis of a layered
+    model): with jaxlib's batched Cholesky this deadlocked on the second call."""
+    import subprocess
+    import sys
+
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    proc = subprocess.run([sys.executable, "-c", CONCURRENT_RATES], capture_output=True,
+                          text=True, timeout=120, preexec_fn=lambda: os.sched_setaffinity(0, cores),
+                          env={**os.environ, "XLA_FLAGS": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    values = eval(proc.stdout.strip().splitlines()[-1])
+    assert len(set(values)) == 1 and np.isfinite(values[0])
+
+
 def test_rate_float32_stable_on_rank_deficient_large_set():
     rng = np.random.default_rng(4)
     n, p = 4096, 64

@@ -180,8 +180,12 @@ def _object_mask(obj: _Obj, size: int) -> np.ndarray:
     return _unit_mask(obj.shape, (c[None, :] - obj.cx) / obj.r, (c[:, None] - obj.cy) / obj.r)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Smooth low-contrast mid-grey texture, float32 (size, size, 3)."""
+def _background(rng: np.random.Generator, size: int, textured: bool = True) -> np.ndarray:
+    """Smooth low-contrast mid-grey texture, float32 (size, size, 3); with textured=False one
+    flat mid-grey."""
+    if not textured:
+        base = rng.uniform(75.0, 125.0) + rng.uniform(-10.0, 10.0, 3)
+        return np.broadcast_to(base.astype(np.float32), (size, size, 3)).copy()
     grid = 4 if rng.random() < 0.5 else 8
     up = _upsampler(size, grid)
     # Mostly luminance variation with a little chroma: channels stay close to each other, so
@@ -197,10 +201,11 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _render(
-    objs: list[_Obj], masks: list[np.ndarray], rng: np.random.Generator, size: int
+    objs: list[_Obj], masks: list[np.ndarray], rng: np.random.Generator, size: int,
+    textured: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image uint8 (H, W, 3) and object-id mask uint8 (H, W); later objects on top."""
-    img = _background(rng, size)
+    img = _background(rng, size, textured)
     ids = np.zeros((size, size), np.uint8)
     for k, (obj, m) in enumerate(zip(objs, masks, strict=True), start=1):
         img[m] = obj.rgb
@@ -272,9 +277,18 @@ class _ShapesBase:
         return _block_permutation(self.seed, self._split_id, self._tag, block, n)[pos]
 
 
+BACKGROUNDS = ("texture", "plain")
+
+
 class ShapesClassification(_ShapesBase):
     """Image classification: the label is the shape kind of the single shape in the image; colour,
-    position, size and background are nuisance factors."""
+    position, size and background are nuisance factors.
+
+    background='texture' (the default) draws each image its own smooth texture; 'plain' one
+    flat grey. A texture is unique to its image and survives crops and colour jitter, so a
+    self-supervised objective that matches two views of one image can match textures instead
+    of shapes: the SimDINO demo uses 'plain'.
+    """
 
     _tag = _TAG_CLS
 
@@ -286,10 +300,14 @@ class ShapesClassification(_ShapesBase):
         image_size: int = 32,
         num_classes: int = 8,
         seed: int = 0,
+        background: str = "texture",
     ) -> None:
         super().__init__(split, num_examples, image_size, seed)
         if not 2 <= operator.index(num_classes) <= len(SHAPES):
             raise ValueError(f"num_classes must be in [2, {len(SHAPES)}], got {num_classes}")
+        if background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+        self.background = background
         self.num_classes = int(num_classes)
         self.class_names: list[str] = list(SHAPES[: self.num_classes])
 
@@ -299,7 +317,8 @@ class ShapesClassification(_ShapesBase):
         rng = self._rng(i)
         color = int(rng.integers(len(COLORS)))
         obj = _place_single(rng, label, color, rng.uniform(0.10, 0.30), self.image_size)
-        image, ids = _render([obj], [_object_mask(obj, self.image_size)], rng, self.image_size)
+        image, ids = _render([obj], [_object_mask(obj, self.image_size)], rng, self.image_size,
+                             textured=self.background == "texture")
         return {"image": image, "label": np.int32(label)}, ids
 
     def __getitem__(self, index: int) -> dict:

@@ -163,5 +163,5 @@ class ReconstructionEvaluator(Evaluator):
         path = epath.Path(self.output_dir) / "reconstruction.png"
         tmp = path.parent / "reconstruction.png.tmp"
         tmp.write_bytes(buffer.getvalue())
-        tmp.rename(path)
+        tmp.replace(path)  # over the figure of the previous evaluation (rename refuses)
         return str(path)

@@ -140,14 +140,21 @@ class CrateDecoder(nnx.Module):
         return (z, outs) if collect else z
 
 
-def random_mask(rng: jax.Array, batch: int, num_patches: int, ratio: float
-                ) -> tuple[jax.Array, jax.Array]:
-    """(mask (B, N) bool, True = hidden; visible (B, N − round(r·N)) int32 patch indices in
-    ascending order): every example hides exactly round(r·N) patches chosen uniformly."""
+def hidden_count(ratio: float, num_patches: int) -> int:
+    """round(r·N), the patches a mask hides; ValueError naming mask_ratio unless it hides at
+    least one patch and leaves at least one."""
     hidden = round(ratio * num_patches)
     if not 0 < hidden < num_patches:
         raise ValueError(f"mask_ratio={ratio} hides {hidden} of {num_patches} patches; it must "
                          "hide at least one and leave at least one")
+    return hidden
+
+
+def random_mask(rng: jax.Array, batch: int, num_patches: int, ratio: float
+                ) -> tuple[jax.Array, jax.Array]:
+    """(mask (B, N) bool, True = hidden; visible (B, N − round(r·N)) int32 patch indices in
+    ascending order): every example hides exactly round(r·N) patches chosen uniformly."""
+    hidden = hidden_count(ratio, num_patches)
     noise = jax.random.uniform(rng, (batch, num_patches))
     visible = jnp.sort(jnp.argsort(noise, axis=1)[:, : num_patches - hidden], axis=1)
     mask = jnp.ones((batch, num_patches), bool)

@@ -25,7 +25,7 @@ from crate_jax.data import images as image_data
 from crate_jax.data import pipeline
 from crate_jax.evals.clip import ProbeEvaluator
 from crate_jax.evals.reconstruction import ReconstructionEvaluator, masked_mse, with_index
-from crate_jax.models.autoencoder import random_mask
+from crate_jax.models.autoencoder import hidden_count, random_mask
 from crate_jax.models.layers import patchify
 from crate_jax.tasks.base import Task
 from crate_jax.tasks.classification import image_preprocess, image_train_data
@@ -52,6 +52,8 @@ class MAETask(Task):
             raise ValueError(f"model.name: {cfg.name!r} is not a masked autoencoder; the 'mae' "
                              "trainer takes 'crate-mae-<size>/<patch>' or "
                              "'vit-mae-<size>/<patch>'")
+        num_patches = models.registry.mae_config_for(cfg.name, **overrides).encoder.num_patches
+        hidden_count(self.config.get("mask_ratio", 0.75), num_patches)  # checked before a run
         return models.create(cfg.name, rngs=rngs, **overrides)
 
     def num_layers(self) -> int:

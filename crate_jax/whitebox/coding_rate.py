@@ -68,13 +68,24 @@ _GRAM_ROUNDING_LIMIT = 1e-2
 _F32_UNIT_ROUNDOFF = 2.0 ** -24
 
 
+def _one_by_one(fn, x: jax.Array) -> jax.Array:
+    """fn on each matrix of a batch (..., m, n), in a loop. On the CPU, jaxlib's batched LAPACK
+    kernels share out a batch over the intra-op thread pool and block until it is done; two such
+    kernels that XLA runs at once (the rates of several layers in one program) can then hold
+    every pool thread waiting for each other, and the program never returns (seen on 2 cores,
+    jaxlib 0.10). One matrix per call never blocks."""
+    flat = x.reshape(-1, *x.shape[-2:])
+    out = jax.lax.map(fn, flat)
+    return out.reshape(*x.shape[:-2], *out.shape[1:])
+
+
 def _logdet_cholesky(a: jax.Array) -> jax.Array:
-    chol = jnp.linalg.cholesky(a)
+    chol = _one_by_one(jnp.linalg.cholesky, a)
     return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
 
 
 def _logdet_svd(z: jax.Array, alpha: jax.Array) -> jax.Array:
-    s = jnp.linalg.svd(z, compute_uv=False)
+    s = _one_by_one(lambda m: jnp.linalg.svd(m, compute_uv=False), z)
     return jnp.sum(jnp.log1p(alpha[..., None] * s * s), axis=-1)
 
 
