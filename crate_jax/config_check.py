@@ -26,10 +26,11 @@ _MINIMUMS = {
     "data.num_workers": 0,
 }
 
-# key → the values it may take.
-_CHOICES = {"data.background": ("texture", "plain")}
-# keys that are fractions strictly between 0 and 1.
-_FRACTIONS = ("mask_ratio",)
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """key → the values it may take."""
+    from crate_jax.data.synthetic import BACKGROUNDS
+    return {"data.background": BACKGROUNDS}
 
 
 def _get(config: Any, dotted: str) -> Any:
@@ -65,16 +66,11 @@ def validate(config: Any) -> None:
         if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
             raise ValueError(f"config {key}={value!r}: not a finite float32 number "
                              f"(|x| ≤ {FLOAT32_MAX:.3e}); training computes in float32")
-    for key, choices in _CHOICES.items():
+    for key, choices in _choices().items():
         value = _get(config, key)
         if value is not None and value not in choices:
             raise ValueError(f"config {key}={value!r}: must be one of "
                              f"{', '.join(map(repr, choices))}")
-    for key in _FRACTIONS:
-        value = _get(config, key)
-        if value is not None and not (isinstance(value, int | float) and 0 < value < 1):
-            raise ValueError(f"config {key}={value!r}: must be a fraction strictly between "
-                             "0 and 1")
     lr = _get(config, "optim.lr")
     if lr is not None and lr < 0:
         raise ValueError(f"config optim.lr={lr!r}: must be ≥ 0")

@@ -54,6 +54,30 @@ def test_epath_round_trip(gcs, tmp_path):
     assert not os.path.exists("gs:")  # nothing went to a local folder named like the URL
 
 
+def test_reconstruction_figure_on_gs_is_replaced_by_the_next_evaluation(gcs):
+    """The MAE evaluator writes WORKDIR/reconstruction.png at every evaluation; on gs:// the
+    second figure replaces the first (a rename onto an existing object is refused)."""
+    from types import SimpleNamespace
+
+    from crate_jax.evals.reconstruction import ReconstructionEvaluator
+
+    evaluator = ReconstructionEvaluator("reconstruction", list, lambda b: b, None,
+                                        mask_ratio=0.5, figure_images=2)
+    evaluator.output_dir = _gs(gcs, "mae_run")
+    cfg = SimpleNamespace(grid=(2, 2), patch_size=4)
+    sizes = []
+    for seed in range(2):
+        rng = np.random.default_rng(seed)
+        out = {"pixels": rng.normal(size=(2, 4, 48)), "pred": rng.normal(size=(2, 4, 48)),
+               "mask": rng.random((2, 4)) < 0.5}
+        path = evaluator.write_figure(out, cfg, np.ones(2))
+        png = epath.Path(path).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        sizes.append(len(png))
+    assert set(gcs.objects("mae_run/")) == {"mae_run/reconstruction.png"}
+    assert gcs.objects("mae_run/")["mae_run/reconstruction.png"] == sizes[-1]
+
+
 def test_tokenizer_from_gs(gcs):
     from crate_jax.data import tokenizer as tokenizers
 

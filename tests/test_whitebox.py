@@ -1,6 +1,7 @@
 """White-box measurements: coding rate closed forms, Rᶜ and sparsity against NumPy on the
 explicit projections, the normalised cut, and the analyze command end to end."""
 
+import ast
 import importlib.util
 import json
 import os
@@ -91,7 +92,7 @@ def test_independent_rates_in_one_program_finish_on_two_cores():
                           text=True, timeout=120, preexec_fn=lambda: os.sched_setaffinity(0, cores),
                           env={**os.environ, "XLA_FLAGS": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    values = eval(proc.stdout.strip().splitlines()[-1])
+    values = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
     assert len(set(values)) == 1 and np.isfinite(values[0])
 
 

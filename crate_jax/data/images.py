@@ -52,15 +52,11 @@ def image_source(data: Any, split: str):
     """The source named by the `data` config section for `split`."""
     kind = data.source
     if kind == "synthetic_shapes":
-        from crate_jax.data.synthetic import BACKGROUNDS, ShapesClassification
+        from crate_jax.data.synthetic import ShapesClassification
         num = data.get("num_train_examples" if split == "train" else "num_eval_examples")
-        background = data.get("background", "texture")
-        if background not in BACKGROUNDS:
-            raise ValueError(f"data.background: {background!r}; synthetic_shapes has "
-                             f"{' or '.join(map(repr, BACKGROUNDS))}")
         return ShapesClassification(split, num_examples=num, image_size=data.image_size,
                                     num_classes=data.num_classes, seed=data.get("seed", 0),
-                                    background=background)
+                                    background=data.get("background", "texture"))
     if kind == "tfds":
         from crate_jax.data.tfds_source import open_data_source
         return open_data_source(data.name, split, data.get("data_dir"), setting="data")

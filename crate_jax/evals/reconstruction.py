@@ -158,10 +158,14 @@ class ReconstructionEvaluator(Evaluator):
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)
-        # epath: the workdir may be gs://; a local file is replaced atomically, an object
-        # store writes whole objects, so a reader never sees half a figure
+        # A reader never sees half a figure: an object store (gs://) writes whole objects, so
+        # the figure goes straight to its name (a rename there is a copy and a delete); a local
+        # file is written beside it, then put over the previous evaluation's in one step.
         path = epath.Path(self.output_dir) / "reconstruction.png"
-        tmp = path.parent / "reconstruction.png.tmp"
-        tmp.write_bytes(buffer.getvalue())
-        tmp.replace(path)  # over the figure of the previous evaluation (rename refuses)
+        if "://" in str(path):
+            path.write_bytes(buffer.getvalue())
+        else:
+            tmp = path.parent / "reconstruction.png.tmp"
+            tmp.write_bytes(buffer.getvalue())
+            tmp.replace(path)
         return str(path)

@@ -73,7 +73,9 @@ def _one_by_one(fn, x: jax.Array) -> jax.Array:
     kernels share out a batch over the intra-op thread pool and block until it is done; two such
     kernels that XLA runs at once (the rates of several layers in one program) can then hold
     every pool thread waiting for each other, and the program never returns (seen on 2 cores,
-    jaxlib 0.10). One matrix per call never blocks."""
+    jaxlib 0.10). One matrix per call never blocks. GPUs and TPUs keep their batched solvers."""
+    if jax.default_backend() != "cpu":
+        return fn(x)
     flat = x.reshape(-1, *x.shape[-2:])
     out = jax.lax.map(fn, flat)
     return out.reshape(*x.shape[:-2], *out.shape[1:])
