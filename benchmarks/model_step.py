@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from crate_jax import models, perf
+from crate_jax.models import layer_stack
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference_shapes
@@ -120,7 +121,9 @@ def compare_reference(name: str, args: argparse.Namespace) -> list[dict]:
     def reference(params, images):
         return reference_shapes.forward(params, images, table, cfg)
 
-    pure = nnx.to_pure_dict(params)
+    # The reference holds one array per layer, as the official code does (our stacked arrays
+    # would make it slice them and re-stack their gradients inside its step).
+    pure = layer_stack.unstack_layers(nnx.to_pure_dict(params))
     np.testing.assert_allclose(reference(pure, images[:2]), ours(params, images[:2]),
                                rtol=2e-3, atol=2e-3)
     runs = {}

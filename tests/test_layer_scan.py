@@ -88,3 +88,22 @@ def test_the_reference_shaped_computation_gives_our_logits(name):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     want = reference_shapes.forward(params, _images(), jnp.asarray(model.posemb()), model.cfg)
     np.testing.assert_allclose(model(_images()), want, rtol=1e-4, atol=1e-4)
+
+
+def test_step_benchmark_compares_with_the_reference_on_per_layer_weights():
+    """`model_step.py --compare-reference` as a user runs it, on a tiny model: the logits check
+    passes with the reference holding one array per layer, and a ratio is printed."""
+    import re
+    import subprocess
+
+    from multiprocess_utils import FAST_COMPILE, env
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "model_step.py"), "--model",
+         "crate-alpha-ti/16", "--image-size", "32", "--num-classes", "10", "--batch", "2",
+         "--steps", "1", "--rounds", "1", "--compare-reference"],
+        cwd=root, env=env(XLA_FLAGS=FAST_COMPILE), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"ratio \(our step / reference step\): \d+\.\d\d", out.stdout), out.stdout
+    assert "crate-alpha-ti/16 (reference)" in out.stdout

@@ -131,8 +131,11 @@ def test_bad_multicrop_settings_are_named(updates, setting):
         multicrop.multicrop_transform(_data(**updates))
 
 
-def test_local_views_run_through_a_resized_position_table():
-    task = SimDINOTask(smoke_config())
+@pytest.mark.parametrize("backbone", ["crate-t/4", "crate-alpha-ti/4", "vit-ti/4"])
+def test_local_views_run_through_a_resized_position_table(backbone):
+    config = smoke_config()
+    config.model.name = backbone  # any registry image backbone (the demo's is CRATE)
+    task = SimDINOTask(config)
     model = task.build_model(nnx.Rngs(0))
     small = model.student(jnp.zeros((2, 8, 8, 3)))
     assert small.shape == (2, 16)
