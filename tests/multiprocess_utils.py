@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "local", "multiprocess.sh")
 PROCESSES, DEVICES = 2, 4
@@ -115,3 +117,26 @@ def wait_for_checkpoint(workdir, proc, minimum: int = 4, timeout: float = 240) -
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.02)
     raise TimeoutError("no checkpoint appeared")
+
+
+def assert_runs_match(pair: Pair, eval_prefixes: tuple[str, ...], steps: int = 4) -> dict:
+    """The 2-process and 1-process runs of `pair` logged the same losses and gradient norms at
+    steps 2 and `steps`, and the same evaluation metrics (every prefix present) at `steps`;
+    returns the final metrics of the 2-process run."""
+    for i in range(2):
+        assert f"jax.distributed: process {i} of 2, 4 local / 8 global devices" in pair.log(i)
+    m, s = metrics(pair.multi), metrics(pair.single)
+    logged = sorted(k for k, v in m.items() if "train/loss" in v)
+    assert logged == [2, steps] == sorted(k for k, v in s.items() if "train/loss" in v)
+    for step in logged:
+        for key in ("train/loss", "train/grad_norm"):
+            np.testing.assert_allclose(m[step][key], s[step][key], rtol=1e-5,
+                                       err_msg=f"{pair.dir.name}: {key} at step {step}")
+    evals = {k for k in s[steps] if k.startswith(eval_prefixes)}
+    for prefix in eval_prefixes:  # every evaluator ran
+        assert any(k.startswith(prefix) for k in evals), (prefix, sorted(s[steps]))
+    assert evals == {k for k in m[steps] if k.startswith(eval_prefixes)}
+    for key in sorted(evals):
+        np.testing.assert_allclose(m[steps][key], s[steps][key], rtol=1e-5, atol=1e-7,
+                                   err_msg=f"{pair.dir.name}: {key}")
+    return m[steps]

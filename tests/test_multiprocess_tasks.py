@@ -28,11 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from multiprocess_utils import QUIET, ROOT, Pair, metrics
+from multiprocess_utils import QUIET, ROOT, Pair, assert_runs_match
 
 CONTRASTIVE = os.path.join(ROOT, "configs", "demo.py")
 CLASSIFICATION = os.path.join(ROOT, "configs", "demo_classification.py")
-STEPS = 4
 MIX = ("--config.mixup=0.8", "--config.cutmix=1.0")
 # A config file wrapping another one with extra settings (init_from and init_towers are None
 # or absent in the configs, so no --config.X flag can set them).
@@ -88,28 +87,8 @@ def runs(tmp_path_factory):
     return {"contrastive": clip, "mixup": mix, "finetune": finetune, "donor": base / "donor"}
 
 
-def _assert_runs_match(pair: Pair, eval_prefixes: tuple[str, ...]) -> dict:
-    for i in range(2):
-        assert f"jax.distributed: process {i} of 2, 4 local / 8 global devices" in pair.log(i)
-    m, s = metrics(pair.multi), metrics(pair.single)
-    logged = sorted(k for k, v in m.items() if "train/loss" in v)
-    assert logged == [2, STEPS] == sorted(k for k, v in s.items() if "train/loss" in v)
-    for step in logged:
-        for key in ("train/loss", "train/grad_norm"):
-            np.testing.assert_allclose(m[step][key], s[step][key], rtol=1e-5,
-                                       err_msg=f"{pair.dir.name}: {key} at step {step}")
-    evals = {k for k in s[STEPS] if k.startswith(eval_prefixes)}
-    for prefix in eval_prefixes:  # every evaluator ran
-        assert any(k.startswith(prefix) for k in evals), (prefix, sorted(s[STEPS]))
-    assert evals == {k for k in m[STEPS] if k.startswith(eval_prefixes)}
-    for key in sorted(evals):
-        np.testing.assert_allclose(m[STEPS][key], s[STEPS][key], rtol=1e-5, atol=1e-7,
-                                   err_msg=f"{pair.dir.name}: {key}")
-    return m[STEPS]
-
-
 def test_contrastive_with_every_evaluator(runs):
-    final = _assert_runs_match(runs["contrastive"],
+    final = assert_runs_match(runs["contrastive"],
                                ("zeroshot/", "retrieval/", "probe/knn", "probe/linear"))
     assert final["zeroshot/count"] == 24  # each test image once, not once per process
 
@@ -136,14 +115,14 @@ def test_towers_loaded_frozen_and_trained_on(runs):
 
 
 def test_classification_with_mixup_and_cutmix(runs):
-    final = _assert_runs_match(runs["mixup"], ("val/",))
+    final = assert_runs_match(runs["mixup"], ("val/",))
     assert final["val/count"] == 40
 
 
 def test_finetune_through_init_from(runs):
     from crate_jax.train.loop import final_params
 
-    _assert_runs_match(runs["finetune"], ("val/",))
+    assert_runs_match(runs["finetune"], ("val/",))
     for i in range(2):
         log = runs["finetune"].log(i)
         for note in ("posemb/embedding resized 2x2 -> 4x4", "stem/kernel resized 8x8 -> 4x4",
