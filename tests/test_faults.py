@@ -19,6 +19,7 @@ from test_train import DEMO, ROOT, smoke_config
 from crate_jax import config_utils, models
 from crate_jax.config_check import all_keys, load_config, validate
 from crate_jax.tasks import token_reduction
+from crate_jax.train.checkpoint import CheckpointModelMismatchError
 from crate_jax.train.loop import RESUME_SAFE_KEYS, train_and_evaluate
 
 
@@ -92,6 +93,24 @@ def test_the_corrected_command_trains_after_a_failed_start(tmp_path):
         train_and_evaluate(smoke_config(**{"checkpoint.every": 0}), str(tmp_path))
     after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_a_checkpoint_of_another_model_is_named_and_nothing_is_written(tmp_path):
+    """A workdir without its config.json (copied, or the file deleted) and a config that
+    builds another model: the error names the parameters whose shapes differ, before a single
+    array is read or a file written; the original config then resumes."""
+    assert train_and_evaluate(smoke_config(), str(tmp_path))["step"] == 4
+    (tmp_path / "config.json").unlink()
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointModelMismatchError) as failure:
+        train_and_evaluate(smoke_config(**{"model.overrides.width": 48}), str(tmp_path))
+    message = str(failure.value)
+    assert "was written by another model" in message
+    assert re.search(r"params/cls: saved \(1, 1, 32\), this config \(1, 1, 48\)", message)
+    assert "nothing was changed" in message
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert before == after and not (tmp_path / "checkpoints" / "damaged").exists()
+    assert train_and_evaluate(smoke_config(), str(tmp_path))["step"] == 4
 
 
 def test_resume_safe_keys_are_real_keys_and_honoured(tmp_path):

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -121,6 +122,26 @@ def _stacked_into(per_layer: Any, abstract: Any) -> Any:
 class CheckpointDamagedError(RuntimeError):
     """A checkpoint that cannot be restored as saved (missing or damaged files, or arrays that
     do not match their checksum)."""
+
+
+class CheckpointModelMismatchError(ValueError):
+    """A checkpoint whose parameters (names or shapes) are not the ones the config builds:
+    written by another model, not damaged."""
+
+
+def _shape_differences(saved: dict, wanted: dict, limit: int = 3) -> list[str]:
+    """'params/<path>: saved …, this config …' for the first `limit` leaves whose presence
+    or shape differ between two nested dicts of shapes (dtypes are cast on restore)."""
+    have, want = layer_stack.flatten(saved), layer_stack.flatten(wanted)
+    out = []
+    for key in sorted(set(have) | set(want)):
+        a, b = have.get(key), want.get(key)
+        a_shape = None if a is None else tuple(a.shape)
+        b_shape = None if b is None else tuple(b.shape)
+        if a_shape != b_shape:
+            out.append(f"params/{key}: saved {a_shape or 'absent'}, this config "
+                       f"{b_shape or 'absent'}")
+    return out[:limit] + ([f"… {len(out) - limit} more"] if len(out) > limit else [])
 
 
 def _check_complete(step_dir: epath.Path) -> None:
@@ -248,6 +269,7 @@ class Checkpointer:
         deleted. If checkpoints exist but none can be read, raises CheckpointDamagedError
         listing them and moves nothing (a model/config mismatch looks the same)."""
         self.manager.reload()
+        self.check_same_model(abstract_state)
         faults: list[tuple[int, str]] = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             step_dir = self.manager.directory / str(step)
@@ -271,6 +293,26 @@ class Checkpointer:
                 f"restored; they were left in place:\n{listing}\nIf the config changed, use the "
                 "original one; to start over, move the checkpoints directory away.")
         return None, None
+
+    def check_same_model(self, abstract_state: Any) -> None:
+        """Raise CheckpointModelMismatchError, before any array is read, when the newest
+        checkpoint's parameter names or shapes (from its metadata) are not the config's."""
+        step = self.latest_step()
+        wanted = abstract_state.get("params") if isinstance(abstract_state, Mapping) else None
+        if step is None or wanted is None:
+            return
+        try:
+            _, saved = self.saved_params(step)
+        except Exception:  # no readable metadata: restore_latest reports the damage
+            return
+        differences = _shape_differences(saved, _int_keys(dict(wanted)))
+        if differences:
+            listing = "\n".join(f"  {d}" for d in differences)
+            raise CheckpointModelMismatchError(
+                f"{self.manager.directory / str(step)} was written by another model than "
+                f"this config builds:\n{listing}\nResume with the config it was trained "
+                "with, or move the checkpoints directory away to start over; nothing was "
+                "changed.")
 
     def _move_aside(self, step: int) -> None:
         """Move an unreadable step to checkpoints/damaged/<step>-<time>, out of orbax's sight

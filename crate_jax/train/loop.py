@@ -196,7 +196,10 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
     if state.undivided and jax.process_index() == 0:
         logging.warning("%s", format_undivided(state.undivided))
     resolved = check_workdir_config(config, workdir)
-    if config.get("init_from") and not (workdir / "checkpoints").exists():
+    if (workdir / "checkpoints").exists():  # a resume: the checkpoints hold this model?
+        Checkpointer(workdir / "checkpoints", async_save=False).check_same_model(
+            state.abstract_state)
+    elif config.get("init_from"):
         check_init_from(config, state.abstract_state["params"])  # a fresh start only
     return _Run(config, workdir, state, local_batch, resolved, _StopSignal())
 
