@@ -267,9 +267,9 @@ class Checkpointer:
         (None, None) when there is no checkpoint. An unreadable newer checkpoint is logged
         (which step directory, what is wrong) and moved to checkpoints/damaged/, never
         deleted. If checkpoints exist but none can be read, raises CheckpointDamagedError
-        listing them and moves nothing (a model/config mismatch looks the same)."""
+        listing them and moves nothing. The trainer calls check_same_model before this (and
+        before it writes anything), so checkpoints of another model are named as such."""
         self.manager.reload()
-        self.check_same_model(abstract_state)
         faults: list[tuple[int, str]] = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             step_dir = self.manager.directory / str(step)

@@ -197,8 +197,11 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
         logging.warning("%s", format_undivided(state.undivided))
     resolved = check_workdir_config(config, workdir)
     if (workdir / "checkpoints").exists():  # a resume: the checkpoints hold this model?
-        Checkpointer(workdir / "checkpoints", async_save=False).check_same_model(
-            state.abstract_state)
+        checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
+        try:
+            checkpointer.check_same_model(state.abstract_state)
+        finally:
+            checkpointer.close()
     elif config.get("init_from"):
         check_init_from(config, state.abstract_state["params"])  # a fresh start only
     return _Run(config, workdir, state, local_batch, resolved, _StopSignal())
