@@ -422,6 +422,39 @@ def test_ordered_batches_raise_the_transform_error_and_stay_failed(shards):
     batches.close()
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("fail_at", [37, 40, 44])
+def test_a_reader_error_comes_after_every_batch_before_it(shards, threads, fail_at):
+    """The workers read in turn; an error of the reader (after `fail_at` samples, some of
+    them in the chunk it breaks off) reaches the consumer after every complete batch of the
+    samples before it, in stream order, then stays."""
+    paths, _ = shards
+    batches = _batches(paths, threads, _jittery)
+    reader = batches.reader
+    batches.close()
+    served = []
+
+    class Failing(type(reader)):
+        def __next__(self):
+            if len(served) == fail_at:
+                raise OSError("the bucket went away")
+            sample = super().__next__()
+            served.append(_number(sample["key"]))
+            return sample
+
+    reader.__class__ = Failing
+    batches.set_state(reader.get_state())
+    got = []
+    with pytest.raises(OSError, match="went away"):
+        for _ in range(20):
+            got.append(next(batches)["number"].tolist())
+    usable = [n for n in served if n % 7]
+    assert got == [usable[i:i + 5] for i in range(0, 5 * (len(usable) // 5), 5)]
+    with pytest.raises(OSError, match="went away"):
+        next(batches)
+    batches.close()  # returns: no worker is left waiting
+
+
 @pytest.mark.parametrize("key, value", [("interleave", 0), ("shuffle_buffer_bytes", -1),
                                         ("shuffle_buffer", -3)])
 def test_the_clipa_recipe_names_a_bad_reader_setting(key, value):
