@@ -73,8 +73,10 @@ def time_step(forward, params, images, labels, steps: int) -> tuple[float, float
 
 
 def _model(name: str, args: argparse.Namespace):
-    overrides = dict(num_classes=args.num_classes, dtype=args.dtype, remat=args.remat,
+    overrides = dict(num_classes=args.num_classes, dtype=args.dtype,
                      attention_impl=args.attention_impl, scan_layers=not args.unrolled)
+    if args.remat:
+        overrides["remat"] = args.remat
     if args.image_size:
         overrides["image_size"] = args.image_size
     model = models.create(name, **overrides)
@@ -156,7 +158,8 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="compute dtype (parameters stay float32)")
-    parser.add_argument("--remat", default="none", choices=["none", "dots", "full"])
+    parser.add_argument("--remat", default=None, choices=["none", "minimal", "dots", "full"],
+                        help="per-layer remat policy (default: the model's, 'minimal')")
     parser.add_argument("--attention-impl", default=None, choices=[None, "xla", "cudnn"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps after compilation")
     parser.add_argument("--rounds", type=int, default=3,
@@ -165,7 +168,7 @@ def main() -> None:
 
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-          f"batch {args.batch}, compute {args.dtype}, remat {args.remat}")
+          f"batch {args.batch}, compute {args.dtype}, remat {args.remat or 'model default'}")
     if args.compare_reference:
         rows = compare_reference(args.model, args)
     else:

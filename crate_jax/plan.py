@@ -73,7 +73,7 @@ _HEADROOM = flags.DEFINE_float(
     "headroom", 0.1, "Fraction of --device-memory kept free for the runtime, fragmentation "
     "and compiler differences; the step fits when peak <= (1 - headroom) * memory.")
 _BATCH = flags.DEFINE_integer("batch-size", None, "Global batch size (default: the config's).")
-_REMAT = flags.DEFINE_enum("remat", None, ["none", "dots", "full"],
+_REMAT = flags.DEFINE_enum("remat", None, ["none", "minimal", "dots", "full"],
                            "Per-layer rematerialisation for every tower (default: the config's).")
 _ACCUM = flags.DEFINE_integer("grad-accum-steps", None,
                               "Gradient accumulation steps (default: the config's).")
@@ -92,7 +92,7 @@ _TARGET = flags.DEFINE_enum(
     "'jax[tpu]'; no TPU needed): exact for that TPU.")
 
 MESH_AXES = ("dcn", "data", "fsdp", "tensor")  # crate_jax.parallel.mesh.MESH_AXES
-REMAT_ORDER = ("none", "dots", "full")  # lighter (faster) → heavier (less memory)
+REMAT_ORDER = ("none", "minimal", "dots", "full")  # lighter (faster) → heavier (less memory)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 # Cloud TPU generations: (TensorCores per chip in the type name, HBM per chip in GiB).
@@ -293,9 +293,12 @@ def remat_keys(config) -> list[str]:
 
 
 def config_remat(config) -> str:
-    found = {dict(config.model[k.split(".", 1)[1]]).get("remat", "none")
+    from crate_jax.models.config import TowerConfig
+
+    default = TowerConfig.remat  # what a tower without a remat override runs with
+    found = {dict(config.model[k.split(".", 1)[1]]).get("remat", default)
              for k in remat_keys(config)}
-    return max(found, key=REMAT_ORDER.index) if found else "none"
+    return max(found, key=REMAT_ORDER.index) if found else default
 
 
 def with_settings(config, *, batch_size: int, accum: int, remat: str):

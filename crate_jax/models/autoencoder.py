@@ -29,10 +29,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from crate_jax.models.blocks import MSSA, kaiming_uniform
 from crate_jax.models.config import TowerConfig, VisionConfig
-from crate_jax.models.encoder import LAYER_AXIS, REMAT_POLICIES, Encoder
+from crate_jax.models.encoder import LAYER_AXIS, Encoder, remat_body
 from crate_jax.models.layers import Dense, LayerNorm, normal, param, sincos_2d, xavier_uniform
 from crate_jax.models.vision import VisionTransformer
 from crate_jax.parallel.sharding import constrain_to_batch
@@ -103,6 +104,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, z: jax.Array) -> jax.Array:
         x = self.norm(z)
         g = (x.reshape(-1, x.shape[-1]) @ self.weight[...].astype(self.dtype).T).reshape(z.shape)
+        g = checkpoint_name(g, "layer_mid")  # a matmul product: saved under remat "minimal"
         o, _ = self.attn(g)
         return g - o
 
@@ -132,8 +134,7 @@ class CrateDecoder(nnx.Module):
             z = constrain_to_batch(layer(constrain_to_batch(z)))
             return z, (z if collect else None)
 
-        if self.remat != "none":
-            body = nnx.remat(body, policy=REMAT_POLICIES[self.remat])
+        body = remat_body(body, self.remat)
         scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0),
                         unroll=self.unroll)
         z, outs = scan(self.layers, z)

@@ -7,9 +7,12 @@ the layers in `encoder.py` add residuals, DropPath and LayerScale.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from crate_jax.models.layers import (
     Dense,
@@ -22,6 +25,28 @@ from crate_jax.models.layers import (
 )
 
 kaiming_uniform = jax.nn.initializers.kaiming_uniform
+
+# The values the remat policy 'minimal' (encoder.REMAT_POLICIES) keeps for the backward pass:
+# the products that cost a matmul to recompute. Everything else a layer computes (norms,
+# activations, ReLU masks, the softmax) is recomputed from them in the backward pass.
+SAVED_NAMES = ("attention_coords", "attention_out", "sparse_code", "odl_residual",
+               "mlp_hidden", "ista_matrix", "layer_mid")
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def saved_relu(x: jax.Array, name: str) -> jax.Array:
+    """max(x, 0) under the checkpoint name `name`. Its derivative reads that named output
+    (y > 0) rather than x, so under the 'minimal' policy the saved code is all the backward
+    pass needs for the ReLU's mask; x, a matmul away, is never recomputed."""
+    return checkpoint_name(jnp.maximum(x, 0), name)
+
+
+@saved_relu.defjvp
+def _saved_relu_jvp(name: str, primals, tangents):
+    # The name is applied here, at the level the remat policy sees (a nested saved_relu
+    # call would hide it inside a custom_jvp_call, and its input would be recomputed).
+    y = checkpoint_name(jnp.maximum(primals[0], 0), name)
+    return y, jnp.where(y > 0, tangents[0], 0)
 
 
 def attend(w_q: jax.Array, w_k: jax.Array, w_v: jax.Array, *, key_mask: jax.Array | None,
@@ -91,10 +116,11 @@ class MSSA(nnx.Module):
 
     def __call__(self, z: jax.Array, *, key_mask: jax.Array | None = None,
                  is_causal: bool = False, return_attention: bool = False):
-        w = self.project(z)
+        w = checkpoint_name(self.project(z), "attention_coords")
         heads_out, attn = attend(w, w, w, key_mask=key_mask, is_causal=is_causal,
                                  implementation=self.attention_impl,
                                  return_weights=return_attention)
+        heads_out = checkpoint_name(heads_out, "attention_out")
         o = jnp.einsum("nhk,hkd->nd", heads_out.reshape(-1, *heads_out.shape[-2:]),
                        self.out[...].astype(self.dtype)).reshape(z.shape)
         if self.out_bias is not None:
@@ -125,12 +151,14 @@ class ISTA(nnx.Module):
     def step_matrix(self) -> jax.Array:
         """M = I + η(W − WᵀW), formed in fp32."""
         w = self.weight[...].astype(jnp.float32)
-        return jnp.eye(w.shape[0], dtype=jnp.float32) + self.eta * (w - w.T @ w)
+        m = jnp.eye(w.shape[0], dtype=jnp.float32) + self.eta * (w - w.T @ w)
+        return checkpoint_name(m, "ista_matrix")
 
     def __call__(self, z_half: jax.Array) -> jax.Array:
         x = self.norm(z_half).reshape(-1, z_half.shape[-1])  # rows: see ODL.__call__
         m = self.step_matrix().astype(self.dtype)
-        return jax.nn.relu(x @ m - self.eta * self.lam).reshape(z_half.shape)
+        code = saved_relu(x @ m - self.eta * self.lam, "sparse_code")
+        return code.reshape(z_half.shape)
 
 
 def _times_transpose(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -167,9 +195,10 @@ class ODL(nnx.Module):
         x = self.norm(z_half).reshape(-1, z_half.shape[-1])
         d = self.D[...].astype(self.dtype)
         shrink = self.eta * self.lam
-        code = jax.nn.relu(self.eta * (x @ d) - shrink)
+        code = saved_relu(self.eta * (x @ d) - shrink, "sparse_code")
         for _ in range(self.steps - 1):
-            code = jax.nn.relu(code - self.eta * ((_times_transpose(code, d) - x) @ d) - shrink)
+            residual = checkpoint_name(_times_transpose(code, d) - x, "odl_residual")
+            code = saved_relu(code - self.eta * (residual @ d) - shrink, "sparse_code")
         out = _times_transpose(code, self.D1[...].astype(self.dtype))
         rows = z_half.shape[:-1]
         return out.reshape(*rows, -1), code.reshape(*rows, -1)
@@ -198,8 +227,9 @@ class MHSA(nnx.Module):
 
     def _project(self, x: jax.Array, name: str) -> jax.Array:
         kernel = getattr(self, name)[...].astype(self.dtype)
-        return (jnp.einsum("bnd,dhk->bnhk", x, kernel)
-                + getattr(self, name + "_bias")[...].astype(self.dtype))
+        return checkpoint_name(jnp.einsum("bnd,dhk->bnhk", x, kernel)
+                               + getattr(self, name + "_bias")[...].astype(self.dtype),
+                               "attention_coords")
 
     def __call__(self, z: jax.Array, *, key_mask: jax.Array | None = None,
                  is_causal: bool = False, return_attention: bool = False):
@@ -208,6 +238,7 @@ class MHSA(nnx.Module):
         heads_out, attn = attend(q, k, v, key_mask=key_mask, is_causal=is_causal,
                                  implementation=self.attention_impl,
                                  return_weights=return_attention)
+        heads_out = checkpoint_name(heads_out, "attention_out")
         o = jnp.einsum("bnhk,hkd->bnd", heads_out, self.out[...].astype(self.dtype))
         return o + self.out_bias[...].astype(self.dtype), attn
 
@@ -227,5 +258,6 @@ class MLP(nnx.Module):
         self.fc2 = Dense(hidden, width, axes=("mlp", "embed"), **kw)
 
     def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
-        hidden = jax.nn.gelu(self.fc1(self.norm(z)), approximate=self.approximate_gelu)
+        pre = checkpoint_name(self.fc1(self.norm(z)), "mlp_hidden")
+        hidden = jax.nn.gelu(pre, approximate=self.approximate_gelu)
         return self.fc2(hidden), hidden

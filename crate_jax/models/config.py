@@ -10,7 +10,7 @@ import dataclasses
 import jax.numpy as jnp
 
 BLOCKS = ("crate", "crate_alpha", "vit")
-REMAT_POLICIES = ("none", "dots", "full")
+REMAT_POLICIES = ("none", "minimal", "dots", "full")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 MLP_ACTIVATIONS = ("gelu", "gelu_tanh")
@@ -48,7 +48,10 @@ class TowerConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of the parameters
     attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
-    remat: str = "none"  # rematerialise each layer: 'none', 'dots' (save matmuls), 'full'
+    # What each layer keeps for the backward pass (models/encoder.py REMAT_POLICIES): 'minimal'
+    # (the matmul products; norms, activations and softmax recomputed), 'none' (everything
+    # autodiff keeps), 'dots' (every unbatched matmul's output), 'full' (only the layer input)
+    remat: str = "minimal"
     # One scanned layer body (compiled once, whatever the depth) or, False, the scan fully
     # unrolled into per-layer code. The parameters are stacked (L, ...) either way.
     scan_layers: bool = True

@@ -16,8 +16,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from crate_jax.models.blocks import ISTA, MHSA, MLP, MSSA, ODL
+from crate_jax.models.blocks import ISTA, MHSA, MLP, MSSA, ODL, SAVED_NAMES
 from crate_jax.models.config import TowerConfig
 from crate_jax.models.layers import LayerScale, StochasticDepth, drop_path
 from crate_jax.parallel.sharding import constrain_to_batch
@@ -27,10 +28,34 @@ LAYER_AXIS = "layers"  # the logical name of the stacked parameters' leading axi
 # Keys of the intermediates dict; each value is stacked over layers: (L, B, ...).
 INTERMEDIATE_KEYS = ("tokens_mssa", "tokens_out", "codes", "attention")
 
+
+def _batched_dot(prim, *_, **params) -> bool:
+    """A dot_general with batch dimensions: the per-head attention products (Q·Kᵀ, A·V)."""
+    return prim is jax.lax.dot_general_p and bool(params["dimension_numbers"][1][0])
+
+
 REMAT_POLICIES = {
+    # The blocks' named products (blocks.SAVED_NAMES: projections, attention outputs, sparse
+    # codes, ...) and the attention logits: no matmul is recomputed, while the norms,
+    # activations, ReLU masks and softmax are, from them. Inside the layer scan this keeps
+    # about half the per-layer residuals of 'none', which XLA:CPU zeroes, fills and slices
+    # every step (crate-alpha-b/32 on the 2-core CPU: a step 1.95 s → 1.47 s,
+    # benchmarks/model_step.py). The default.
+    "minimal": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES), _batched_dot),
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": None,  # save nothing, recompute the whole layer in the backward pass
 }
+
+
+def remat_body(body, remat: str):
+    """`body` (a scanned layer function) under the remat policy `remat`; 'none' leaves it to
+    autodiff, which keeps every intermediate it uses."""
+    if remat == "none":
+        return body
+    # prevent_cse=False: the scan already keeps XLA from merging the recomputation into the
+    # forward pass (jax.checkpoint's documentation); the extra barrier would only cost.
+    return nnx.remat(body, prevent_cse=False, policy=REMAT_POLICIES[remat])
 
 
 class Layer(nnx.Module):
@@ -78,7 +103,8 @@ class Layer(nnx.Module):
         DropPath of the two branches at `drop_rate`; None: no DropPath."""
         keys = (None, None) if drop_keys is None else (drop_keys[0], drop_keys[1])
         o, attn = self.attn(z, key_mask=key_mask, is_causal=is_causal, return_attention=collect)
-        z_half = z + self._residual_branch(o, self.scale_attn, drop_rate, keys[0])
+        z_half = checkpoint_name(
+            z + self._residual_branch(o, self.scale_attn, drop_rate, keys[0]), "layer_mid")
         if self.block == "crate":
             z_out = code = self.sparse(z_half)
         else:
@@ -136,8 +162,7 @@ class Encoder(nnx.Module):
                              collect=collect)
             return constrain_to_batch(z), inter
 
-        if self.remat != "none":
-            body = nnx.remat(body, policy=REMAT_POLICIES[self.remat])
+        body = remat_body(body, self.remat)
         scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
                         unroll=self.unroll)
         return scan(self.layers, z, xs)
