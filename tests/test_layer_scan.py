@@ -139,3 +139,18 @@ def test_step_benchmark_compares_with_the_reference_on_per_layer_weights():
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"ratio \(our step / reference step\): \d+\.\d\d", out.stdout), out.stdout
     assert "crate-alpha-ti/16 (reference)" in out.stdout
+
+
+def test_minimal_remat_keeps_the_fused_attention_kernels_outputs():
+    # On a GPU with attention_impl='cudnn' the attention is one cuDNN kernel, not dot_generals:
+    # 'minimal' must keep its forward outputs, or the backward pass reruns the kernel. (The
+    # kernel itself needs a GPU; this checks the policy against jax's own primitive.)
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    from crate_jax.models.encoder import REMAT_POLICIES
+
+    policy = REMAT_POLICIES["minimal"]
+    assert policy(cudnn_attention._dot_product_attention_fwd_p_wrapper)
+    assert not policy(jax.lax.exp_p)
+    matmul = (((1,), (0,)), ((), ()))
+    assert not policy(jax.lax.dot_general_p, dimension_numbers=matmul)

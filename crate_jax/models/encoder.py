@@ -29,20 +29,25 @@ LAYER_AXIS = "layers"  # the logical name of the stacked parameters' leading axi
 INTERMEDIATE_KEYS = ("tokens_mssa", "tokens_out", "codes", "attention")
 
 
-def _batched_dot(prim, *_, **params) -> bool:
-    """A dot_general with batch dimensions: the per-head attention products (Q·Kᵀ, A·V)."""
-    return prim is jax.lax.dot_general_p and bool(params["dimension_numbers"][1][0])
+def _attention_product(prim, *_, **params) -> bool:
+    """The attention's own products: a dot_general with batch dimensions (the per-head Q·Kᵀ
+    and A·V of the XLA path), or the forward kernel of cuDNN's fused attention (its output
+    and softmax statistics, which its backward kernel reads; without them the backward pass
+    would run the attention forward again)."""
+    if prim is jax.lax.dot_general_p:
+        return bool(params["dimension_numbers"][1][0])
+    return prim.name.startswith("dot_product_attention_fwd")
 
 
 REMAT_POLICIES = {
     # The blocks' named products (blocks.SAVED_NAMES: projections, attention outputs, sparse
-    # codes, ...) and the attention logits: no matmul is recomputed, while the norms,
+    # codes, ...) and the attention's products: no matmul is recomputed, while the norms,
     # activations, ReLU masks and softmax are, from them. Inside the layer scan this keeps
     # about half the per-layer residuals of 'none', which XLA:CPU zeroes, fills and slices
     # every step (crate-alpha-b/32 on the 2-core CPU: a step 1.95 s → 1.47 s,
     # benchmarks/model_step.py). The default.
     "minimal": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES), _batched_dot),
+        jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES), _attention_product),
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": None,  # save nothing, recompute the whole layer in the backward pass
 }
