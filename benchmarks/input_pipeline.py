@@ -23,8 +23,10 @@ Printed:
   1. img/s per core (CPU-seconds of this process, one thread) of decode + crop + flip: the
      84 px CLIPA path (crop area 0.4-1) and the 224 px inception-crop path (area 0.08-1) on
      the pipeline's decoder (crate_jax.data.decode: libjpeg-turbo at the smallest DCT scale M/8
-     that covers the crop, OpenCV resize), next to Pillow (draft() scaling for 84 px, full
-     decode for 224 px, antialiased resize) for reference;
+     that covers the crop, only the crop's region decoded (jpeg_region), OpenCV resize), next
+     to the same with the whole image decoded (simplejpeg: the path without the TurboJPEG
+     library) and Pillow (draft() scaling for 84 px, full decode for 224 px, antialiased
+     resize) for reference;
   2. end to end, pairs/s of the real pipeline (image_text.train_iterator: shards -> interleaved
      reader -> shuffle buffer -> decode + crop + tokenize on N threads -> batches of 256) at
      84 px, for 1, 2 and 2 x cores threads, from local files and from the local GCS server of
@@ -49,7 +51,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from crate_jax.data import augment, decode, images
+from crate_jax.data import augment, decode, images, jpeg_region
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {"84": 1500.0, "224": 600.0}  # img/s per core (issue 15)
@@ -129,6 +131,16 @@ def _flip(array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(array[:, ::-1]) if rng.random() < 0.5 else array
 
 
+@contextlib.contextmanager
+def _region_decode_off() -> Iterator[None]:
+    real = jpeg_region.available
+    jpeg_region.available = lambda: False
+    try:
+        yield
+    finally:
+        jpeg_region.available = real
+
+
 def per_core_paths() -> list[tuple[str, str, Callable]]:
     def ours(size: int, area: tuple[float, float]) -> Callable:
         return lambda data, rng: decode.random_resized_crop(data, rng, size, area=area,
@@ -148,9 +160,19 @@ def per_core_paths() -> list[tuple[str, str, Callable]]:
     def pillow_224(data: bytes, rng: np.random.Generator) -> np.ndarray:
         return _flip(np.asarray(images.inception_crop(images.to_pil(data), rng, 224)), rng)
 
+    def whole_image(size: int, area: tuple[float, float]) -> Callable:
+        """Ours with jpeg_region switched off: simplejpeg decodes the whole image at M/8."""
+        def crop(data: bytes, rng: np.random.Generator) -> np.ndarray:
+            with _region_decode_off():
+                return decode.random_resized_crop(data, rng, size, area=area, flip=True)
+        return crop
+
     return [("84", "84 px: decode + crop (area 0.4-1) + flip", ours(84, (0.4, 1.0))),
             ("224", "224 px: decode + inception crop (area 0.08-1) + flip",
              ours(224, (0.08, 1.0))),
+            ("", "   84 px, whole image decoded (no TurboJPEG region)",
+             whole_image(84, (0.4, 1.0))),
+            ("", "   224 px, whole image decoded", whole_image(224, (0.08, 1.0))),
             ("", "   Pillow, 84 px (draft() 1/2, 1/4, 1/8 scaling)", pillow_84),
             ("", "   Pillow, 224 px (full decode)", pillow_224),
             ("", "   decode alone, full size (ours)", lambda d, r: decode.decode_rgb(d))]
@@ -296,7 +318,10 @@ def main() -> None:
           f"{min(min(s) for s in sizes)}-{max(max(s) for s in sizes)} px, mean "
           f"{pixels / 1e6:.2f} MP, mean {mean_bytes / 1000:.1f} KB "
           f"({8 * mean_bytes / pixels:.2f} bits/pixel); {os.cpu_count()} CPUs, load "
-          f"{os.getloadavg()[0]:.2f}\n")
+          f"{os.getloadavg()[0]:.2f}")
+    region = (f"TurboJPEG region decode ({jpeg_region.library_path()})"
+              if jpeg_region.available() else "no TurboJPEG 3 library: whole-image decode")
+    print(f"JPEG crops: {region}\n")
     print_per_core(jpegs, rounds, seconds / 2)
 
     with tempfile.TemporaryDirectory() as tmp:

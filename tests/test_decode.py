@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crate_jax.data import decode, images
+from crate_jax.data import decode, images, jpeg_region
 
 
 def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -87,15 +87,32 @@ def test_random_resized_crop_matches_full_decode_reference(jpeg_960x720, size, a
         assert diff.mean() < 4, (seed, diff.mean())
 
 
-def test_random_resized_crop_decodes_enough_and_no_more(jpeg_960x720, monkeypatch):
+@pytest.mark.parametrize("region_decode", [True, False])
+def test_random_resized_crop_decodes_enough_and_no_more(jpeg_960x720, monkeypatch,
+                                                        region_decode):
+    """The scale m is the coarsest that keeps the box's short side >= size, on both decode
+    paths (TurboJPEG region decode, and whole-image simplejpeg without the library)."""
     decoded = []
-    real = decode._decode_jpeg
+    if region_decode:
+        if not jpeg_region.available():
+            pytest.skip("no TurboJPEG >= 3 library (tests/test_jpeg_region.py insists on "
+                        "one where requirements.txt installs it)")
+        real_region = jpeg_region.decode_region
 
-    def recording(data, height, width, m):
-        decoded.append(m)
-        return real(data, height, width, m)
+        def recording(data, m, *region):
+            decoded.append(m)
+            return real_region(data, m, *region)
 
-    monkeypatch.setattr(decode, "_decode_jpeg", recording)
+        monkeypatch.setattr(jpeg_region, "decode_region", recording)
+    else:
+        monkeypatch.setattr(jpeg_region, "available", lambda: False)
+        real = decode._decode_jpeg
+
+        def recording(data, height, width, m):
+            decoded.append(m)
+            return real(data, height, width, m)
+
+        monkeypatch.setattr(decode, "_decode_jpeg", recording)
     for seed in range(20):
         rng = np.random.default_rng(seed)
         decode.random_resized_crop(jpeg_960x720, rng, 84, area=(0.08, 1.0))
@@ -105,7 +122,7 @@ def test_random_resized_crop_decodes_enough_and_no_more(jpeg_960x720, monkeypatc
         assert min(w, h) * m / 8 >= 84  # the box keeps >= 84 decoded pixels
         smaller = [k for k in (1, 2, 4) if k < m]
         assert not smaller or min(w, h) * smaller[-1] / 8 < 84  # and no coarser scale would
-    assert len(set(decoded)) > 1
+    assert len(decoded) == 20 and len(set(decoded)) > 1
 
 
 def test_rng_use_is_the_box_draws_then_one_flip_draw(jpeg_960x720):
