@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import simplejpeg
+from image_utils import photo
 from PIL import Image
 
 from crate_jax.data import decode, jpeg_region
@@ -24,16 +25,10 @@ pytestmark = pytest.mark.skipif(not (REQUIRED_HERE or jpeg_region.available()),
 
 
 def _photo_array(width: int, height: int, seed: int) -> np.ndarray:
-    """Gradients, blobs and noise: chroma detail, so that upsampling errors would show."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([rng.uniform(40, 200) + rng.uniform(-80, 80) * x / width
-                     + rng.uniform(-80, 80) * y / height for _ in range(3)], -1)
-    coarse = rng.normal(0, 50, (7, 9, 3)).astype(np.float32)
-    blobs = np.stack([np.asarray(Image.fromarray(coarse[..., c], "F")
-                                 .resize((width, height), Image.BICUBIC)) for c in range(3)], -1)
-    noise = rng.normal(0, 6, (height, width, 3))
-    return np.clip(base + blobs + noise, 0, 255).astype(np.uint8)
+    """A photo-like image plus sensor noise: chroma detail, so that upsampling errors show."""
+    noise = np.random.default_rng(seed).normal(0, 6, (height, width, 3))
+    return np.clip(np.asarray(photo(width, height, seed), np.float32) + noise, 0, 255).astype(
+        np.uint8)
 
 
 def _jpeg(width: int, height: int, subsampling: str, seed: int = 0) -> bytes:
