@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import ctypes.util
 import io
 import platform
@@ -77,15 +78,44 @@ def test_region_equals_the_whole_decode_sliced(subsampling, m):
                                       err_msg=f"{subsampling} m={m} {left, top, right, bottom}")
 
 
-def test_progressive_jpeg_region_equals_the_whole_decode():
+def test_progressive_jpeg_goes_to_the_whole_image_path(monkeypatch):
+    """A progressive JPEG gains nothing from a region (every scan is decoded): decode_region
+    declines it and random_resized_crop decodes it whole, to the pixels it gives without the
+    library."""
     buffer = io.BytesIO()
     Image.fromarray(_photo_array(300, 200, 5)).save(buffer, "JPEG", quality=85,
                                                      progressive=True)
     data = buffer.getvalue()
-    for m in (1, 2, 4, 8):
-        whole = _whole(data, m)
-        region = jpeg_region.decode_region(data, m, 3, 5, whole.shape[1] - 2, whole.shape[0])
-        np.testing.assert_array_equal(region, whole[5:, 3:-2])
+    with pytest.raises(ValueError, match="progressive"):
+        jpeg_region.decode_region(data, 2, 0, 0, 10, 10)
+    crops = [decode.random_resized_crop(data, np.random.default_rng(s), 64) for s in range(4)]
+    monkeypatch.setattr(jpeg_region, "available", lambda: False)
+    for seed, crop in enumerate(crops):
+        np.testing.assert_array_equal(
+            crop, decode.random_resized_crop(data, np.random.default_rng(seed), 64))
+
+
+def test_twelve_bit_jpeg_is_declined():
+    """libjpeg-turbo writes 12-bit JPEGs through TurboJPEG's tj3Compress12: ours declines
+    them (not 8-bit RGB), and the whole-image path decides."""
+    lib = jpeg_region._library()
+    handle = lib.tj3Init(0)  # TJINIT_COMPRESS
+    try:
+        image = (np.asarray(photo(40, 24), np.uint16) * 16).astype(np.int16)
+        for param, value in ((4, 2), (3, 90)):  # TJPARAM_SUBSAMP 4:2:0, TJPARAM_QUALITY
+            assert lib.tj3Set(handle, param, value) == 0
+        out, size = ctypes.c_void_p(), ctypes.c_size_t()
+        status = lib.tj3Compress12(ctypes.c_void_p(handle),
+                                   image.ctypes.data_as(ctypes.c_void_p), 40, 0, 24, 0,
+                                   ctypes.byref(out), ctypes.byref(size))
+        assert status == 0, lib.tj3GetErrorStr(handle)
+        data = ctypes.string_at(out, size.value)
+        lib.tj3Free(out)
+    finally:
+        lib.tj3Destroy(handle)
+    assert data[:2] == b"\xff\xd8" and b"\xff\xc1" in data[:400]  # SOF1: extended, 12-bit
+    with pytest.raises(ValueError, match="not 8-bit"):
+        jpeg_region.decode_region(data, 8, 0, 0, 10, 10)
 
 
 def test_bad_input_raises_value_error():

@@ -41,6 +41,7 @@ import numpy as np
 # TurboJPEG 3 constants (turbojpeg.h): init types, parameters, pixel format, subsamplings
 _TJINIT_DECOMPRESS = 1
 _TJPARAM_STOPONWARNING, _TJPARAM_SUBSAMP, _TJPARAM_JPEGWIDTH, _TJPARAM_JPEGHEIGHT = 0, 4, 5, 6
+_TJPARAM_PRECISION, _TJPARAM_PROGRESSIVE = 7, 12
 _TJPF_RGB = 0
 # iMCU width in pixels at full scale, by TJSAMP (444, 422, 420, GRAY, 440, 411, 441)
 _MCU_WIDTH = (8, 16, 16, 8, 8, 32, 8)
@@ -153,8 +154,9 @@ def decode_region(data: bytes, m: int, left: int, top: int, right: int,
     4, 8; coordinates in pixels of the scaled image, whose sides are ceil(side · m / 8)) as
     uint8 RGB, equal to slicing the whole decode. ValueError for data libjpeg-turbo rejects
     or warns about, for data that does not end in the EOI marker (the decode stops at the
-    region's last row, so it would not see a truncation below it), for a subsampling without
-    a known iMCU size, and for a region outside the scaled image."""
+    region's last row, so it would not see a truncation below it), for progressive and for
+    12- or 16-bit JPEGs, for a subsampling without a known iMCU size, and for a region
+    outside the scaled image: decode.py decodes all of these whole."""
     if m not in _FACTOR:
         raise ValueError(f"jpeg_region: scale m must be one of {sorted(_FACTOR)}, got {m!r}")
     data = bytes(data)
@@ -165,6 +167,10 @@ def decode_region(data: bytes, m: int, left: int, top: int, right: int,
     handle = _handle()
     lib, pointer = handle.lib, handle.pointer
     handle.check(lib.tj3DecompressHeader(pointer, data, len(data)))
+    if lib.tj3Get(pointer, _TJPARAM_PRECISION) != 8 or lib.tj3Get(pointer, _TJPARAM_PROGRESSIVE):
+        # progressive: every scan is decoded whatever the region, so nothing is saved, and
+        # simplejpeg's newer libjpeg-turbo is faster; 12- and 16-bit: not 8-bit RGB output
+        raise ValueError("jpeg_region: a progressive or not 8-bit JPEG is decoded whole")
     subsampling = lib.tj3Get(pointer, _TJPARAM_SUBSAMP)
     if not 0 <= subsampling < len(_MCU_WIDTH):
         raise ValueError(f"jpeg_region: chroma subsampling {subsampling} has no iMCU width")
