@@ -209,3 +209,19 @@ def test_bad_arguments_are_named(jpeg_960x720):
         decode.random_resized_crop(jpeg_960x720, None, 84, area=(0.5, 0.2))
     with pytest.raises(ValueError, match="min_side"):
         decode.decode_rgb(jpeg_960x720, 0)
+
+
+@pytest.mark.parametrize("shape,size", [((197, 160), 84), ((297, 260), 224), ((90, 84), 84),
+                                        ((30, 41), 84), ((5, 6), 16), ((1, 1), 8)])
+def test_resize_is_bilinear_resize_then_flip(shape, size):
+    """_resize's single warpAffine against cv2.resize(INTER_LINEAR) and cv2.flip: within one
+    grey level, on down- and upscales, both ways round."""
+    import cv2
+    rng = np.random.default_rng(0)
+    region = rng.integers(0, 256, (*shape, 3), np.uint8)
+    region = cv2.GaussianBlur(region, (3, 3), 1.0) if min(shape) >= 3 else region
+    plain = cv2.resize(region, (size, size), interpolation=cv2.INTER_LINEAR).astype(np.int16)
+    for mirror, expected in ((False, plain), (True, plain[:, ::-1])):
+        out = decode._resize(region, size, mirror)
+        assert out.shape == (size, size, 3) and out.dtype == np.uint8
+        assert np.abs(out.astype(np.int16) - expected).max() <= 1, (shape, size, mirror)

@@ -35,21 +35,22 @@ image size, makes simplejpeg choose by its own rule).
 Resize. The box, in decoded pixels (full-resolution box × M/8, snapped outwards to whole
 pixels: at most one decoded pixel more on each side, which moves a random crop by less than
 1.2 % of its side at 84 px), is resized with OpenCV. With M chosen as above the decoded box is
-between size and 2·size pixels, so a 2-tap bilinear resize (cv2.INTER_LINEAR, half-pixel
-centres, no antialiasing: tf.image.resize's default, as in big_vision and the official CLIPA
-input pipeline) loses nothing that matters: the DCT scaling has already low-passed the image.
-A box of 2·size or more (non-JPEG input, decoded at full size) is area-averaged instead
-(cv2.INTER_AREA). The flip is cv2.flip. Measured on the 2-core machine, one thread, the box
-resize alone (uint8, 3 channels, img/s):
+between size and 2·size pixels, so a 2-tap bilinear resize (half-pixel centres, no
+antialiasing: tf.image.resize's default, as in big_vision and the official CLIPA input
+pipeline) loses nothing that matters: the DCT scaling has already low-passed the image. It is
+one cv2.warpAffine with cv2.resize(INTER_LINEAR)'s map and the flip folded in (within 1 grey
+level of resize + flip). A box of 2·size or more (non-JPEG input, decoded at full size) is
+area-averaged instead (cv2.INTER_AREA), then cv2.flip. Measured on the 2-core machine, one
+thread, the box resize alone (uint8, 3 channels, img/s):
 
-    box -> output          Pillow BILINEAR   cv2.INTER_AREA   cv2.INTER_LINEAR (used)
-    160 x 197 -> 84             4,400            4,500           35,000
-    260 x 297 -> 224            1,200            1,200            8,800
+    box -> output       Pillow BILINEAR  cv2.INTER_AREA  INTER_LINEAR + flip  warpAffine (used)
+    160 x 197 -> 84          4,400           4,500            40,000              59,000
+    260 x 297 -> 224         1,200           1,200             8,300              14,000
 
 so Pillow's antialiased resize costs as much as the decode itself at 224 px. Whole
 random_resized_crop on photo-like 300-1,000 px JPEGs of ~36 KiB (benchmarks/input_pipeline.py
 gives the current figures): a whole-image decode at M/8 takes 0.5-1.1 ms, the box alone
-(jpeg_region) 10-45 % less, the resize 0.02-0.03 ms at 84 px and 0.1-0.2 ms at 224 px.
+(jpeg_region) 10-45 % less, the resize 0.02 ms at 84 px and 0.07 ms at 224 px.
 
 The decoded scales. libjpeg-turbo's SIMD IDCTs cover 1/8, 2/8, 4/8 and 8/8; the generic ones
 are slower than a full decode (same images, img/s of the decode alone):
@@ -176,12 +177,23 @@ def _pixel_box(box: tuple[float, float, float, float], width: int,
 
 
 def _resize(region: np.ndarray, size: int, mirror: bool) -> np.ndarray:
-    """`region` resized to uint8 (size, size, 3): bilinear below a 2x downscale, area
-    average from 2x on; mirrored left-right if `mirror`."""
-    shrink = min(region.shape[:2]) / size
-    method = cv2.INTER_AREA if shrink >= 2 else cv2.INTER_LINEAR
-    out = cv2.resize(region, (size, size), interpolation=method)
-    return cv2.flip(out, 1) if mirror else out
+    """`region` resized to uint8 (size, size, 3), mirrored left-right if `mirror`: bilinear
+    below a 2x downscale, area average from 2x on.
+
+    Bilinear is one cv2.warpAffine whose map is cv2.resize's INTER_LINEAR one, output pixel
+    (u, v) <- region ((u + ½)·sx − ½, (v + ½)·sy − ½) with s = region side / size, edges
+    clamped, and the mirror folded in (u -> size − 1 − u): the same taps as resize + flip up
+    to warpAffine's 1/32-pixel position rounding (at most 1 grey level), in one pass."""
+    height, width = region.shape[:2]
+    if min(height, width) >= 2 * size:
+        out = cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA)
+        return cv2.flip(out, 1) if mirror else out
+    sx, sy = width / size, height / size
+    a, b = (-sx, (size - 0.5) * sx - 0.5) if mirror else (sx, 0.5 * sx - 0.5)
+    inverse_map = np.array([[a, 0.0, b], [0.0, sy, 0.5 * sy - 0.5]])
+    return cv2.warpAffine(region, inverse_map, (size, size),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)
 
 
 def _decode_box(data: bytes, header: tuple[int, int], m: int,
