@@ -66,6 +66,17 @@ def test_the_library_is_found_where_requirements_install_it():
     assert "turbojpeg" in jpeg_region.library_path()
 
 
+def test_only_the_decode_releases_the_gil():
+    """The setup calls keep the GIL (PyDLL: no hand-over to another thread's Python work in
+    the middle of a crop); tj3Decompress8 releases it (CDLL), so decode threads overlap."""
+    lib = jpeg_region._library()
+    keeps_gil = ctypes._FUNCFLAG_PYTHONAPI
+    for name in ("tj3DecompressHeader", "tj3Get", "tj3SetScalingFactor",
+                 "tj3SetCroppingRegion"):
+        assert getattr(lib, name)._flags_ & keeps_gil, name
+    assert not lib.decompress._flags_ & keeps_gil
+
+
 @pytest.mark.parametrize("subsampling", SUBSAMPLINGS)
 @pytest.mark.parametrize("m", [1, 2, 4, 8])
 def test_region_equals_the_whole_decode_sliced(subsampling, m):

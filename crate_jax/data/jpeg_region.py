@@ -8,7 +8,7 @@ Why. At 84 px almost all of a random crop's time is libjpeg-turbo's Huffman deco
 DCT scaling does not shorten. TurboJPEG 3's cropping region (tj3SetCroppingRegion) stops the
 decode after the region's last row, and runs IDCT, upsampling and colour conversion only for
 the region's columns and rows (the rows above it are still Huffman-decoded). simplejpeg does
-not expose it, so this module calls the library through ctypes; every call releases the GIL.
+not expose it, so this module calls the library through ctypes; the decode releases the GIL.
 
 The pixels are the full decode's, bit for bit (tests/test_jpeg_region.py checks this against
 simplejpeg for every chroma subsampling and scale). Two details make that so:
@@ -91,14 +91,20 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def _library() -> ctypes.PyDLL | None:
+    """The library, its functions called with the GIL held (PyDLL), except `decompress`
+    (tj3Decompress8 through CDLL), which releases it. Each GIL release is a point where a
+    decode thread can be made to wait for the others' Python work; the setup calls take a
+    microsecond each, so only the decode itself releases the GIL."""
     for path in _candidate_paths():
         try:
-            lib = ctypes.CDLL(path)
+            lib = ctypes.PyDLL(path)
         except OSError:
             continue
         if hasattr(lib, "tj3SetCroppingRegion"):  # TurboJPEG 3.0 or later
-            return _declare(lib)
+            lib = _declare(lib)
+            lib.decompress = _declare(ctypes.CDLL(path)).tj3Decompress8
+            return lib
     return None
 
 
@@ -116,7 +122,7 @@ def library_path() -> str | None:
 class _Handle:
     """One decompressor per thread (a TurboJPEG handle is not thread-safe)."""
 
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, lib: ctypes.PyDLL):
         self.lib, self.pointer = lib, lib.tj3Init(_TJINIT_DECOMPRESS)
         if not self.pointer:
             raise MemoryError("tj3Init failed")
@@ -185,5 +191,5 @@ def decode_region(data: bytes, m: int, left: int, top: int, right: int,
     handle.check(lib.tj3SetScalingFactor(pointer, _ScalingFactor(*_FACTOR[m])))
     handle.check(lib.tj3SetCroppingRegion(pointer, _Region(x0, top, x1 - x0, bottom - top)))
     out = np.empty((bottom - top, x1 - x0, 3), np.uint8)
-    handle.check(lib.tj3Decompress8(pointer, data, len(data), out.ctypes.data, 0, _TJPF_RGB))
+    handle.check(lib.decompress(pointer, data, len(data), out.ctypes.data, 0, _TJPF_RGB))
     return out[:, left - x0:right - x0]
