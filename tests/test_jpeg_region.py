@@ -192,3 +192,26 @@ def test_a_library_without_turbojpeg_3_is_not_used(monkeypatch):
         assert crop.shape == (64, 64, 3)
     finally:
         jpeg_region._library.cache_clear()
+
+
+def test_header_agrees_with_simplejpeg():
+    """jpeg_region.header (the GIL held) gives simplejpeg's height, width and colour space;
+    None for what libjpeg-turbo cannot read or warns about."""
+    cases = [_jpeg(211, 157, subsampling) for subsampling in SUBSAMPLINGS]
+    for mode in ("CMYK", "RGB"):
+        buffer = io.BytesIO()
+        Image.fromarray(_photo_array(64, 48, 2)).convert(mode).save(
+            buffer, "JPEG", quality=90, progressive=mode == "RGB")
+        cases.append(buffer.getvalue())
+    for data in cases:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        expected = (height, width, "GRAY" if colorspace == "Gray" else colorspace)
+        assert jpeg_region.header(data) == expected
+    data = cases[0]
+    marker = data.index(b"\xff\xda")
+    for bad in (b"", b"not a jpeg", data[:marker] + b"\x12\x34\x56" + data[marker:]):
+        assert jpeg_region.header(bad) is None
+    buffer = io.BytesIO()
+    Image.fromarray(_photo_array(20, 10, 0)).save(buffer, "PNG")
+    assert jpeg_region.header(buffer.getvalue()) is None
+    assert decode.image_size(cases[2]) == (211, 157)  # through header()

@@ -84,11 +84,19 @@ _FAST_SCALES = (1, 2, 4, 8)
 
 
 def _jpeg_header(data: bytes) -> tuple[int, int] | None:
-    """(height, width) of a JPEG that simplejpeg decodes to RGB, else None (Pillow's job)."""
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:  # not a JPEG, or one libjpeg-turbo cannot parse
-        return None
+    """(height, width) of a JPEG that libjpeg-turbo decodes to RGB, else None (Pillow's job).
+    Read by jpeg_region when it has its library: simplejpeg releases the GIL for this
+    microsecond call, which with several decode threads invites a hand-over per image."""
+    if jpeg_region.available():
+        parsed = jpeg_region.header(data)
+        if parsed is None:  # not a JPEG, or one libjpeg-turbo cannot parse or warns about
+            return None
+        height, width, colorspace = parsed
+    else:
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:  # not a JPEG, or one libjpeg-turbo cannot parse
+            return None
     return None if colorspace in _PILLOW_COLORSPACES else (int(height), int(width))
 
 

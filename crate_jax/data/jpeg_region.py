@@ -1,6 +1,7 @@
 """Decode only a region of a JPEG, at a DCT scale, through libjpeg-turbo's TurboJPEG 3 API.
 
     available      whether a TurboJPEG >= 3.0 library was found
+    header         (height, width, colour space) of a JPEG, or None
     decode_region  uint8 (bottom - top, right - left, 3): rows top:bottom, columns left:right
                    of the image decoded at scale m / 8 (coordinates in decoded pixels)
 
@@ -41,7 +42,8 @@ import numpy as np
 # TurboJPEG 3 constants (turbojpeg.h): init types, parameters, pixel format, subsamplings
 _TJINIT_DECOMPRESS = 1
 _TJPARAM_STOPONWARNING, _TJPARAM_SUBSAMP, _TJPARAM_JPEGWIDTH, _TJPARAM_JPEGHEIGHT = 0, 4, 5, 6
-_TJPARAM_PRECISION, _TJPARAM_PROGRESSIVE = 7, 12
+_TJPARAM_PRECISION, _TJPARAM_COLORSPACE, _TJPARAM_PROGRESSIVE = 7, 8, 12
+_TJCS_NAMES = ("RGB", "YCbCr", "GRAY", "CMYK", "YCCK")  # by TJCS value
 _TJPF_RGB = 0
 # iMCU width in pixels at full scale, by TJSAMP (444, 422, 420, GRAY, 440, 411, 441)
 _MCU_WIDTH = (8, 16, 16, 8, 8, 32, 8)
@@ -152,6 +154,22 @@ def _handle() -> _Handle:
             raise RuntimeError("jpeg_region: no TurboJPEG >= 3.0 library (see available())")
         handle = _local.handle = _Handle(lib)
     return handle
+
+
+def header(data: bytes) -> tuple[int, int, str] | None:
+    """(height, width, colour space name) from a JPEG's header, None when libjpeg-turbo
+    cannot read it or warns. The same as simplejpeg.decode_jpeg_header's first three, but
+    with the GIL held: a call this short should not hand the GIL to another thread."""
+    handle, data = _handle(), bytes(data)
+    lib, pointer = handle.lib, handle.pointer
+    try:
+        handle.check(lib.tj3DecompressHeader(pointer, data, len(data)))
+    except ValueError:
+        return None
+    colorspace = lib.tj3Get(pointer, _TJPARAM_COLORSPACE)
+    name = _TJCS_NAMES[colorspace] if 0 <= colorspace < len(_TJCS_NAMES) else "unknown"
+    return (lib.tj3Get(pointer, _TJPARAM_JPEGHEIGHT), lib.tj3Get(pointer, _TJPARAM_JPEGWIDTH),
+            name)
 
 
 def decode_region(data: bytes, m: int, left: int, top: int, right: int,
