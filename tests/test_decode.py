@@ -89,8 +89,9 @@ def test_random_resized_crop_decodes_enough_and_no_more(jpeg_960x720, monkeypatc
         real_region = jpeg_region.decode_region
 
         def recording(data, m, *region):
-            decoded.append(m)
-            return real_region(data, m, *region)
+            out = real_region(data, m, *region)
+            decoded.append(m)  # only region decodes that worked, not silent fallbacks
+            return out
 
         monkeypatch.setattr(jpeg_region, "decode_region", recording)
     else:

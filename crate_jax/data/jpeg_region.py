@@ -129,6 +129,14 @@ class _Handle:
         if not self.pointer:
             raise MemoryError("tj3Init failed")
         lib.tj3Set(self.pointer, _TJPARAM_STOPONWARNING, 1)
+        self.parsed: bytes | None = None  # the data whose header the handle holds
+
+    def read_header(self, data: bytes) -> None:
+        """Parse `data`'s header into the handle, unless the handle holds that very object's
+        already (decode.py reads the header, then decodes the region of the same bytes)."""
+        if self.parsed is not data:
+            self.check(self.lib.tj3DecompressHeader(self.pointer, data, len(data)))
+            self.parsed = data
 
     def __del__(self):
         if getattr(self, "pointer", None):
@@ -163,7 +171,7 @@ def header(data: bytes) -> tuple[int, int, str] | None:
     handle, data = _handle(), bytes(data)
     lib, pointer = handle.lib, handle.pointer
     try:
-        handle.check(lib.tj3DecompressHeader(pointer, data, len(data)))
+        handle.read_header(data)
     except ValueError:
         return None
     colorspace = lib.tj3Get(pointer, _TJPARAM_COLORSPACE)
@@ -190,7 +198,7 @@ def decode_region(data: bytes, m: int, left: int, top: int, right: int,
         raise ValueError("jpeg_region: the data does not end in the EOI marker")
     handle = _handle()
     lib, pointer = handle.lib, handle.pointer
-    handle.check(lib.tj3DecompressHeader(pointer, data, len(data)))
+    handle.read_header(data)
     if lib.tj3Get(pointer, _TJPARAM_PRECISION) != 8 or lib.tj3Get(pointer, _TJPARAM_PROGRESSIVE):
         # progressive: every scan is decoded whatever the region, so nothing is saved, and
         # simplejpeg's newer libjpeg-turbo is faster; 12- and 16-bit: not 8-bit RGB output
