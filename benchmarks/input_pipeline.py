@@ -5,18 +5,19 @@
 
 Data. JPEGs with sides uniform in [300, 1000] px (aspect 3:4 to 4:3), photo-like content (smooth
 gradients, low-frequency blobs, shapes, sensor noise) at quality 85, and captions of 5-25 words,
-written as img2dataset-style tar shards of 500 samples (DataComp's hold 10,000). The noise is
-set so that the JPEGs average about 33 KB: DataComp's mean sample is about 35 KB (12.8 B
-samples of CommonPool xlarge in about 450 TB), of which the tar headers and the .json and .txt
-members take about 2.5 KB. Decode time follows the compressed size (Huffman decoding, which
+written as img2dataset-style tar shards of up to 500 samples (DataComp's hold 10,000), at
+least one shard per worker process of the widest run. The noise is set so that the JPEGs
+average about 33 KB: DataComp's mean sample is about 35 KB (12.8 B samples of CommonPool xlarge
+in about 450 TB), of which the tar headers and the .json and .txt members take about 2.5 KB.
+Decode time follows the compressed size (Huffman decoding, which
 DCT scaling does not shorten), so the header prints the mean.
 
 Timing. Every figure is measured in several rounds, the stages interleaved, and printed as the
 best round and the median round. Other work on the machine only ever slows a round down, so the
 best round is the estimate of what the code costs (the convention of Python's timeit); the
 median shows how much the machine varied. The rate targets are checked on the best round. The
-thread-scaling target is a ratio, checked on the median over rounds of each round's 2-thread /
-1-thread ratio: the two runs of a round share the machine's state, so their ratio is stable
+scaling target is a ratio, checked on the median over rounds of each round's 2-worker /
+1-worker ratio: the two runs of a round share the machine's state, so their ratio is stable
 where a ratio of two separately lucky bests is not.
 
 Printed:
@@ -28,9 +29,12 @@ Printed:
      library) and Pillow (draft() scaling for 84 px, full decode for 224 px, antialiased
      resize) for reference;
   2. end to end, pairs/s of the real pipeline (image_text.train_iterator: shards -> interleaved
-     reader -> shuffle buffer -> decode + crop + tokenize on N threads -> batches of 256) at
-     84 px, for 1, 2 and 2 x cores threads, from local files and from the local GCS server of
-     the storage tests (gs://, through gcsfs; the server is a Python process on the same cores);
+     reader -> shuffle buffer -> decode + crop + tokenize -> batches of 256) at 84 px, with
+     1, 2 and 2 x cores worker processes (data.worker_processes, one decode thread each) and
+     with as many decode threads in one process (data.num_workers), from local files, and the
+     processes from the local GCS server of the storage tests (gs://, through gcsfs; the
+     server is a Python process on the same cores); pairs per CPU-second count the worker
+     processes' CPU time too;
   3. host memory per sample held in the shuffle buffer (Python allocations, tracemalloc), and
      what 250,000 take;
   4. the cores a host needs to feed a step rate, from the end-to-end rate per CPU-second.
@@ -181,43 +185,64 @@ def per_core_paths() -> list[tuple[str, str, Callable]]:
 # ----------------------------------------------------------------------------- end to end
 
 
-def data_config(shards: list[str], threads: int, image_size: int = 84):
+def data_config(shards: list[str], workers: int, processes: bool, image_size: int = 84):
+    """`workers` decode threads in this process, or (processes) that many worker processes of
+    one decode thread each."""
     import ml_collections
 
     return ml_collections.ConfigDict(dict(
         source="webdataset", shards=shards, tokenizer="builtin:shapes_captions_bert",
         image_size=image_size, context_length=32, text_tokens=16, text_reduction="truncate",
         crop_area=(0.4, 1.0), shuffle_buffer=1000, shuffle_buffer_bytes=1 << 30,
-        interleave=4, max_bad_fraction=0.2, num_workers=threads))
+        interleave=4, max_bad_fraction=0.2, num_workers=1 if processes else workers,
+        worker_processes=workers if processes else 0))
 
 
-def end_to_end(shards: list[str], threads: int, seconds: float,
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU time of this process and of the worker processes `pids` so far (Linux /proc)."""
+    total = time.process_time()
+    ticks = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def end_to_end(shards: list[str], workers: int, processes: bool, seconds: float,
                batch_size: int = 256) -> tuple[float, float]:
-    """(pairs per wall second, pairs per CPU-second) of the real pipeline after a warm-up."""
+    """(pairs per wall second, pairs per CPU-second, worker processes included) of the real
+    pipeline after a warm-up."""
     from crate_jax.data import image_text
 
-    it = image_text.train_iterator(data_config(shards, threads), batch_size=batch_size, seed=0)
+    it = image_text.train_iterator(data_config(shards, workers, processes),
+                                   batch_size=batch_size, seed=0)
+    pids = it.pids if processes else []
     try:
         for _ in range(3):
             next(it)
-        count, wall0, cpu0 = 0, time.perf_counter(), time.process_time()
+        count, wall0, cpu0 = 0, time.perf_counter(), _cpu_seconds(pids)
         while time.perf_counter() - wall0 < seconds:
             batch = next(it)
             count += len(batch["image"])
-        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        wall, cpu = time.perf_counter() - wall0, _cpu_seconds(pids) - cpu0
     finally:
         it.close()
     assert batch["image"].shape == (batch_size, 84, 84, 3) and batch["tokens"].shape[1] == 16
     return count / wall, count / max(cpu, 1e-9)
 
 
-def end_to_end_rounds(shards: list[str], thread_counts: list[int], rounds: int,
-                      seconds: float) -> dict[int, list[tuple[float, float]]]:
-    """end_to_end for each thread count, `rounds` times, the thread counts interleaved."""
-    results: dict[int, list[tuple[float, float]]] = {n: [] for n in thread_counts}
+Setting = tuple[int, bool]  # (workers, processes)
+
+
+def end_to_end_rounds(shards: list[str], settings: list[Setting], rounds: int,
+                      seconds: float) -> dict[Setting, list[tuple[float, float]]]:
+    """end_to_end for each setting, `rounds` times, the settings interleaved."""
+    results: dict[Setting, list[tuple[float, float]]] = {s: [] for s in settings}
     for _ in range(rounds):
-        for threads in thread_counts:
-            results[threads].append(end_to_end(shards, threads, seconds))
+        for workers, processes in settings:
+            results[workers, processes].append(end_to_end(shards, workers, processes,
+                                                          seconds))
     return results
 
 
@@ -237,13 +262,14 @@ def gcs_copy(paths: list[str]) -> Iterator[list[str]]:
         yield remote
 
 
-def buffer_bytes_per_sample(shards: list[str], held: int = 20_000) -> tuple[float, float]:
+def buffer_bytes_per_sample(shards: list[str], per_shard: int,
+                            held: int = 20_000) -> tuple[float, float]:
     """(host memory per sample held in the shuffle buffer, mean encoded bytes of a sample)."""
     import tracemalloc
 
     from crate_jax.data.wds.reader import SAMPLE_OVERHEAD, WebDatasetReader
 
-    per_pass = 500 * len(shards)
+    per_pass = per_shard * len(shards)
     reader = WebDatasetReader(shards * math.ceil(8 * held / per_pass), process_index=0,
                               process_count=1, shuffle_buffer=2 * held, verify_images=False)
     tracemalloc.start()
@@ -276,31 +302,48 @@ def print_per_core(jpegs: list[bytes], rounds: int, seconds: float) -> None:
         print(f"   {label:<53} {best:>6.0f} {median:>7.0f}  {target}")
 
 
+def _label(setting: Setting) -> str:
+    workers, processes = setting
+    return (f"{workers} worker process{'es' if workers > 1 else ''}" if processes else
+            f"{workers} thread{'s' if workers > 1 else ''}")
+
+
+def _print_rows(source: str, results: dict[Setting, list[tuple[float, float]]]) -> None:
+    for setting, runs in results.items():
+        best, median = best_and_median([wall for wall, _ in runs])
+        per_cpu = float(np.median([cpu for _, cpu in runs]))
+        print(f"   {f'{source}, {_label(setting)}':<40} {best:>7.0f} {median:>7.0f} "
+              f"{per_cpu:>12.0f}")
+
+
+def _print_ratio(results: dict[Setting, list[tuple[float, float]]], processes: bool,
+                 target: bool) -> None:
+    one, two = results[1, processes], results[2, processes]
+    paired = float(np.median([b[0] / a[0] for a, b in zip(one, two, strict=True)]))
+    best = max(w for w, _ in two) / max(w for w, _ in one)
+    verdict = f" (target >= 1.7x: {'PASS' if paired >= 1.7 else 'BELOW'})" if target else ""
+    print(f"   {_label((2, processes))} / {_label((1, processes))}: {paired:.2f}x median of "
+          f"rounds{verdict}; {best:.2f}x best to best")
+
+
 def print_end_to_end(shards: list[str], rounds: int, seconds: float) -> float:
-    """Section 2; returns the pairs per CPU-second of the widest local run."""
+    """Section 2; returns the pairs per CPU-second of the local run with 2 worker processes
+    (the wider runs oversubscribe a 2-core machine, which costs CPU time of its own)."""
     cores = os.cpu_count() or 1
     counts = sorted({1, 2, 2 * cores})
-    print(f"\n2. end to end, 84 px, batch 256, {len(shards)} shards of 500 pairs, interleave "
+    print(f"\n2. end to end, 84 px, batch 256, {len(shards)} shards, interleave "
           f"4, shuffle buffer 1,000; pairs/s, {rounds} rounds")
-    print(f"   {'source, threads':<30} {'best':>7} {'median':>7} {'pairs/CPU-s':>12}")
-    local = end_to_end_rounds(shards, counts, rounds, seconds)
-    for threads in counts:
-        best, median = best_and_median([wall for wall, _ in local[threads]])
-        per_cpu = float(np.median([cpu for _, cpu in local[threads]]))
-        print(f"   {f'local files, {threads}':<30} {best:>7.0f} {median:>7.0f} {per_cpu:>12.0f}")
-    best_ratio = max(w for w, _ in local[2]) / max(w for w, _ in local[1])
-    round_ratios = [two[0] / one[0] for one, two in zip(local[1], local[2], strict=True)]
-    paired = float(np.median(round_ratios))
-    print(f"   2 threads / 1 thread: {paired:.2f}x median of rounds (target >= 1.7x: "
-          f"{'PASS' if paired >= 1.7 else 'BELOW'}); {best_ratio:.2f}x best to best")
+    print(f"   {'source, workers':<40} {'best':>7} {'median':>7} {'pairs/CPU-s':>12}")
+    settings = [(n, processes) for processes in (True, False) for n in counts]
+    local = end_to_end_rounds(shards, settings, rounds, seconds)
+    _print_rows("local files", local)
+    _print_ratio(local, True, target=True)
+    _print_ratio(local, False, target=False)
     with gcs_copy(shards) as remote:
-        remote_rates = end_to_end_rounds(remote, counts[1:], max(1, rounds - 1), seconds)
-    for threads in counts[1:]:
-        best, median = best_and_median([wall for wall, _ in remote_rates[threads]])
-        per_cpu = float(np.median([cpu for _, cpu in remote_rates[threads]]))
-        print(f"   {f'gs:// (local server), {threads}':<30} {best:>7.0f} {median:>7.0f} "
-              f"{per_cpu:>12.0f}")
-    return float(np.median([cpu for _, cpu in local[counts[-1]]]))
+        remote_rates = end_to_end_rounds(remote, [(n, True) for n in counts[1:]],
+                                         max(1, rounds - 1), seconds)
+    _print_rows("gs:// (local server)", remote_rates)
+    return float(np.median([cpu for _, cpu in local[2, True]]))
 
 
 def main() -> None:
@@ -325,16 +368,20 @@ def main() -> None:
     print_per_core(jpegs, rounds, seconds / 2)
 
     with tempfile.TemporaryDirectory() as tmp:
-        shards = write_shards(tmp, jpegs * 10, 500, rng)
+        # at least one shard per worker process of the widest run
+        per_shard = min(500, len(jpegs) * 10 // max(8, 2 * (os.cpu_count() or 1)))
+        shards = write_shards(tmp, jpegs * 10, per_shard, rng)
         per_cpu = print_end_to_end(shards, rounds, seconds)
-        per_sample, encoded = buffer_bytes_per_sample(shards, 5_000 if args.quick else 20_000)
+        per_sample, encoded = buffer_bytes_per_sample(shards, per_shard,
+                                                      5_000 if args.quick else 20_000)
         print(f"\n3. shuffle buffer: {per_sample / 1000:.1f} KB of host memory per sample held "
               f"(encoded members {encoded / 1000:.1f} KB); 250,000 samples: "
               f"{250_000 * per_sample / 2**30:.1f} GiB here, "
               f"{250_000 * (per_sample - encoded + 35_000) / 2**30:.1f} GiB at DataComp's "
               f"~35 KB a sample")
 
-    print(f"\n4. cores a host needs (at {per_cpu:.0f} pairs per CPU-second, 84 px):")
+    print(f"\n4. cores a host needs (at {per_cpu:.0f} pairs per CPU-second, 84 px, 2 worker "
+          "processes):")
     for label, rate in (("CLIPA-H/14, 84 px, batch 65,536 at 1 step/s on 32 hosts", 2048),
                         ("the same at 2 steps/s", 4096), ("1,000 pairs/s", 1000)):
         print(f"   {label:<58} {rate:>6} pairs/s: {math.ceil(rate / per_cpu):>3} core(s)")

@@ -23,7 +23,7 @@ _MINIMUMS = {
     "log_every": 1, "eval_every": 0, "checkpoint.every": 1, "checkpoint.keep": 1,
     "checkpoint.keep_best": 0, "optim.total_steps": 1, "optim.warmup_steps": 0,
     "data.interleave": 1, "data.shuffle_buffer": 0, "data.shuffle_buffer_bytes": 0,
-    "data.num_workers": 0,
+    "data.num_workers": 0, "data.worker_processes": 0,
 }
 
 

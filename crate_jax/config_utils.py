@@ -207,8 +207,11 @@ def clipa_config(*, image: str, text: str, embed_dim: int, arg: str | None,
         image_size=stage.image_size, context_length=32, text_tokens=stage.text_tokens,
         text_reduction="truncate", crop_area=(0.4, 1.0), flip=False, shuffle_buffer=250_000,
         # ~9 GiB of encoded DataComp samples (~35 KB each); the byte bound guards a host
-        # against shards of larger images
-        shuffle_buffer_bytes=12 << 30, interleave=8, max_bad_fraction=0.2, num_workers=32))
+        # against shards of larger images. 8 worker processes (each 1/8 of the buffer, 8
+        # shards open, 4 decode threads): threads alone stall on the GIL (README, Input
+        # pipelines)
+        shuffle_buffer_bytes=12 << 30, interleave=8, max_bad_fraction=0.2,
+        worker_processes=8, num_workers=4))
     c.image_reduction = ml_collections.ConfigDict(dict(strategy="none", keep=1.0))
     c.evals = ml_collections.ConfigDict(dict(
         imagenet_zeroshot=dict(kind="zeroshot", source="tfds", name="imagenet2012",

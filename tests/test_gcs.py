@@ -6,7 +6,8 @@ tensorboardX (TensorBoard events) and tensorstore under orbax (checkpoints).
 Each component round-trips through the server, and what the clients wrote is read back from the
 server itself (its JSON API), not through the client under test. The headline test keeps a whole
 training run in the bucket, SIGKILLs it after its first checkpoint, resumes it with the same
-command and compares it bitwise with the same command on a local folder.
+command and compares it bitwise with the same command on a local folder; its data comes from
+two worker processes per run (crate_jax.data.wds.processes), which read the bucket themselves.
 """
 
 import io
@@ -245,7 +246,7 @@ def get_config(arg=None):
     spec.loader.exec_module(demo)
     c = demo.get_config("smoke")
     c.data.update(source="webdataset", shards={shards!r}, tokenizer={tokenizer!r},
-                  shuffle_buffer=8, num_workers=2)
+                  shuffle_buffer=8, num_workers=2, worker_processes=2)
     c.total_steps = c.optim.total_steps = {steps}
     c.checkpoint.update(every={every}, async_save=False)
     c.log_every = 2
@@ -270,6 +271,24 @@ def _rows_by_step(text: str) -> dict[int, dict]:
         out.setdefault(row["step"], {}).update(
             {k: v for k, v in row.items() if not k.startswith("perf/") and k != "data/samples"})
     return out
+
+
+def _data_workers(pid: int) -> list[int]:
+    """The data worker processes (crate_jax.data.wds.processes) started by process `pid`."""
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(p) for p in f.read().split()]
+    return [c for c in children if _alive(c)
+            and b"crate_jax.data.wds.processes" in open(f"/proc/{c}/cmdline", "rb").read()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def _finish(process: subprocess.Popen) -> str:
@@ -303,9 +322,15 @@ def test_run_on_gs_killed_and_resumed_equals_local_run(gcs, tmp_path):
         assert first.poll() is None, first.communicate()[0][-4000:]
         assert time.monotonic() < deadline, "no checkpoint in the bucket in time"
         time.sleep(0.05)
+    workers = _data_workers(first.pid)
+    assert len(workers) == 2, workers
     first.send_signal(signal.SIGKILL)
     first.communicate(timeout=60)
     assert first.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers):  # they notice their parent is gone
+        assert time.monotonic() < deadline, "data workers outlived the killed run"
+        time.sleep(0.1)
     saved = sorted(int(committed.match(n)[1]) for n in gcs.objects("run/checkpoints/")
                    if committed.match(n))
     assert saved[-1] < STEPS, "the run finished before it was killed"

@@ -6,7 +6,9 @@ Training sources (config.data.source):
                         (local or gs://), read by a resumable WebDatasetReader (data.interleave
                         shards at once, data.shuffle_buffer samples / data.shuffle_buffer_bytes),
                         decoded on data.num_workers threads while the next samples are read
-                        (crate_jax.data.wds.batches)
+                        (crate_jax.data.wds.batches); with data.worker_processes = P > 0, in P
+                        worker processes, each that pipeline over its own shards with 1/P of
+                        the buffer bounds (crate_jax.data.wds.processes)
 Every batch is {'image': uint8 (B, S, S, 3), 'tokens': int32 (B, k)}: images at the training
 resolution (CLIPA's low resolution comes from a DCT-scaled JPEG decode), captions tokenized to
 data.context_length and reduced to data.text_tokens tokens (truncate / random / block).
@@ -22,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from crate_jax.data import pipeline
 from crate_jax.data import tokenizer as tokenizers
 
 
@@ -108,6 +109,7 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
 
 def train_iterator(data: Any, *, batch_size: int, seed: int):
     if data.source == "synthetic_captions":
+        from crate_jax.data import pipeline  # grain, and with it JAX: not in a worker process
         source = _synthetic(data, "train", data.get("num_train_examples"))
 
         def transform(example, rng):
@@ -121,24 +123,65 @@ def train_iterator(data: Any, *, batch_size: int, seed: int):
                                        transform=transform,
                                        num_workers=data.get("num_workers", 0))
     if data.source == "webdataset":
-        from crate_jax.data.wds.batches import OrderedBatches
-        from crate_jax.data.wds.reader import WebDatasetReader
         if not data.get("shards"):
             raise ValueError("data.shards: set the tar shards, e.g. "
                              "--config.data.shards='/data/datacomp/{00000..12799}.tar'")
-        # Images are checked by the decode in _DecodePair, not decoded twice.
-        reader = WebDatasetReader(data.shards, seed=seed,
-                                  shuffle_buffer=data.get("shuffle_buffer", 0),
-                                  shuffle_buffer_bytes=data.get("shuffle_buffer_bytes", 0),
-                                  interleave=data.get("interleave", 1),
-                                  max_bad_fraction=data.get("max_bad_fraction", 0.5),
-                                  verify_images=False)
-        # The decode threads are the parallelism; the tokenizer's own thread pool on top of
-        # them only adds hand-overs (a user's explicit setting wins).
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        return OrderedBatches(reader, _DecodePair(data, seed),
-                              batch_size=batch_size, threads=data.get("num_workers", 8))
+        import jax
+
+        processes = data.get("worker_processes", 0)
+        if not processes:
+            return webdataset_batches(data=data, batch_size=batch_size, seed=seed,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+        return _worker_processes(data, processes, batch_size, seed)
     raise ValueError(f"data.source: {data.source!r}; use 'synthetic_captions' or 'webdataset'")
+
+
+def webdataset_batches(*, data: Any, batch_size: int, seed: int, process_index: int,
+                       process_count: int, share: int = 1):
+    """The webdataset pipeline of one process: its reader (1/`share` of the shuffle buffer
+    bound: a worker process's part of its host's) and `OrderedBatches` of decoded pairs on
+    data.num_workers threads."""
+    from crate_jax.data.wds.batches import OrderedBatches
+    from crate_jax.data.wds.reader import WebDatasetReader
+    if isinstance(data, dict):  # sent to a worker process as a plain dict
+        import ml_collections
+        data = ml_collections.ConfigDict(data)
+    # Images are checked by the decode in _DecodePair, not decoded twice.
+    reader = WebDatasetReader(data.shards, seed=seed, process_index=process_index,
+                              process_count=process_count,
+                              shuffle_buffer=data.get("shuffle_buffer", 0) // share,
+                              shuffle_buffer_bytes=data.get("shuffle_buffer_bytes", 0) // share,
+                              interleave=data.get("interleave", 1),
+                              max_bad_fraction=data.get("max_bad_fraction", 0.5),
+                              verify_images=False)
+    # The decode threads are the parallelism; the tokenizer's own thread pool on top of
+    # them only adds hand-overs (a user's explicit setting wins).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return OrderedBatches(reader, _DecodePair(data, seed), batch_size=batch_size,
+                          threads=data.get("num_workers", 8))
+
+
+def _worker_processes(data: Any, processes: int, batch_size: int, seed: int):
+    """`webdataset_batches` in data.worker_processes worker processes (wds.processes)."""
+    import jax
+
+    from crate_jax.data.wds import shards
+    from crate_jax.data.wds.processes import ProcessBatches
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 0:
+        raise ValueError(f"config data.worker_processes={processes!r}: must be a whole "
+                         "number >= 0 (0: decode threads in the training process)")
+    hosts, found = jax.process_count(), len(shards.shard_list(data.shards))
+    if found < hosts * processes:
+        raise ValueError(
+            f"config data.worker_processes={processes}: {found} shards for {hosts} host(s) x "
+            f"{processes} worker processes; each worker reads shards of its own, so there "
+            f"must be at least {hosts * processes}: lower data.worker_processes")
+    tokenizer_for(data)  # a missing tokenizer file fails here, named, not in every worker
+    kwargs = dict(data=data.to_dict(), batch_size=batch_size, seed=seed, share=processes)
+    return ProcessBatches("crate_jax.data.image_text:webdataset_batches", kwargs,
+                          processes=processes, process_index=jax.process_index(),
+                          process_count=hosts)
 
 
 class _DecodePair:
@@ -228,6 +271,7 @@ def eval_source(spec: Any, data: Any, split: str):
 
 def eval_batches_factory(spec: Any, data: Any, batch_size: int, split: str | None = None):
     """A function returning a fresh pass of padded, masked eval batches for this spec."""
+    from crate_jax.data import pipeline
     from crate_jax.data.images import resize_center_crop, to_pil
     split = split or spec.get("split", "test")
     source = eval_source(spec, data, split)

@@ -352,15 +352,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with jax.set_mesh(run.mesh):
         params, run.rest = run.state.init_params()
         run.train_iter = run.state.task.train_data(run.local_batch, seed=config.seed)
-        run.evaluators = run.state.task.evaluators()
-        run.train_step, compile_s, flops = run.state.compile(config.get("measure_flops", True))
-        # --- nothing was written before this point ---
-        _open_outputs(run)
-        try:
-            state, final = _run_from(run, params, compile_s, flops)
+        try:  # the data's worker threads and processes end with the run, however it ends
+            run.evaluators = run.state.task.evaluators()
+            run.train_step, compile_s, flops = run.state.compile(
+                config.get("measure_flops", True))
+            # --- nothing was written before this point ---
+            _open_outputs(run)
+            try:
+                state, final = _run_from(run, params, compile_s, flops)
+            finally:
+                run.checkpointer.close()
+                run.writer.close()
         finally:
-            run.checkpointer.close()
-            run.writer.close()
+            if hasattr(run.train_iter, "close"):
+                run.train_iter.close()
         final = {k: float(v) for k, v in final.items()}
         final["step"] = float(int(jax.device_get(state["step"])))
         return final
