@@ -9,6 +9,9 @@ Training sources (config.data.source):
                         (crate_jax.data.wds.batches); with data.worker_processes = P > 0, in P
                         worker processes, each that pipeline over its own shards with 1/P of
                         the buffer bounds (crate_jax.data.wds.processes)
+    array_record        those shards converted to ArrayRecord (crate_jax.data.wds.to_array_record),
+                        data.paths = '/data/cc12m_ar/*.array_record': the grain path, the whole
+                        set shuffled every epoch
 Every batch is {'image': uint8 (B, S, S, 3), 'tokens': int32 (B, k)}: images at the training
 resolution (CLIPA's low resolution comes from a DCT-scaled JPEG decode), captions tokenized to
 data.context_length and reduced to data.text_tokens tokens (truncate / random / block).
@@ -134,7 +137,31 @@ def train_iterator(data: Any, *, batch_size: int, seed: int):
                                       process_index=jax.process_index(),
                                       process_count=jax.process_count())
         return _worker_processes(data, processes, batch_size, seed)
-    raise ValueError(f"data.source: {data.source!r}; use 'synthetic_captions' or 'webdataset'")
+    if data.source == "array_record":
+        return _array_record_iterator(data, batch_size, seed)
+    raise ValueError(f"data.source: {data.source!r}; use 'synthetic_captions', 'webdataset' or "
+                     "'array_record'")
+
+
+def _array_record_iterator(data: Any, batch_size: int, seed: int):
+    """Pairs converted to ArrayRecord (wds.to_array_record) on the grain path: the whole set
+    shuffled every epoch, each pair cropped and tokenized with grain's per-example RNG."""
+    from crate_jax.data import pipeline
+    from crate_jax.data.decode import random_resized_crop
+    from crate_jax.data.wds.to_array_record import Records
+
+    source = Records(data.get("paths"))
+    tokens = _TextTokens(data)
+    size, flip = data.image_size, data.get("flip", False)
+    area = tuple(data.get("crop_area", (0.4, 1.0)))
+
+    def transform(example: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        # the converter kept only images that decode: a failure here is a real error
+        image = random_resized_crop(example["image"], rng, size, area=area, flip=flip)
+        return {"image": image, "tokens": tokens([example["caption"]], rng)[0]}
+
+    return pipeline.train_iterator(source, batch_size=batch_size, seed=seed,
+                                   transform=transform, num_workers=data.get("num_workers", 0))
 
 
 def webdataset_batches(*, data: Any, batch_size: int, seed: int, process_index: int,
