@@ -70,11 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding_rules = None  # None: crate_jax.parallel.DEFAULT_RULES
     c.measure_flops = True
     c.tensorboard = True
-    c.wandb_project = None
+    # typed placeholders (None until set) so that --config.KEY=VALUE can set them
+    c.wandb_project = config_dict.placeholder(str)
     c.profile = ml_collections.ConfigDict({"start_step": -1, "num_steps": 0})
-    c.init_from = None  # a workdir or checkpoint directory to finetune from
-    c.init_step = None
-    c.init_prefix = None  # only the parameters below this path, e.g. "backbone" (MAE)
+    c.init_from = config_dict.placeholder(str)  # a workdir or checkpoint to finetune from
+    c.init_step = config_dict.placeholder(int)
+    c.init_prefix = config_dict.placeholder(str)  # only the parameters below this path (MAE)
     c.reinit_head = True
     # classification: Mixup / CutMix Beta alphas (0 = off), overridable from the command line
     c.mixup = 0.0
@@ -203,7 +204,9 @@ def clipa_config(*, image: str, text: str, embed_dim: int, arg: str | None,
                                           remat="dots"),
         text=text, text_overrides=dict(dtype="bfloat16"), embed_dim=embed_dim))
     c.data = ml_collections.ConfigDict(dict(
-        source="webdataset", shards=args.shards or None, tokenizer=args.tokenizer or None,
+        source="webdataset", shards=args.shards or config_dict.placeholder(str),
+        paths=config_dict.placeholder(str),  # for data.source='array_record'
+        tokenizer=args.tokenizer or config_dict.placeholder(str),
         image_size=stage.image_size, context_length=32, text_tokens=stage.text_tokens,
         text_reduction="truncate", crop_area=(0.4, 1.0), flip=False, shuffle_buffer=250_000,
         # ~9 GiB of encoded DataComp samples (~35 KB each); the byte bound guards a host

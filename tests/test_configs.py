@@ -95,3 +95,42 @@ def test_clipa_needs_shards_and_tokenizer(tmp_path):
     config.data.tokenizer = None
     with pytest.raises(ValueError, match=r"data\.tokenizer"):
         train_and_evaluate(config, str(tmp_path / "a"))
+
+
+def _documented_overrides() -> dict[str, list[str]]:
+    """`--config.KEY=VALUE` overrides the README and the launch scripts print: {KEY: VALUEs}."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    for path in glob.glob(os.path.join(ROOT, "launch", "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            text += open(path).read()
+    found: dict[str, list[str]] = {}
+    for key, value in re.findall(r"--config\.([a-z][a-z0-9_.]*)=('[^']*'|[^\s`'\"]+)", text):
+        value = value.strip("'").rstrip(",)")
+        found.setdefault(key, []).append(value if value.endswith("...") else value.rstrip("."))
+    return found
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_documented_command_line_overrides_parse(path):
+    """Every override the README prints parses on every config that has the key, as the
+    command line parses it (a None field cannot be set from the command line)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from crate_jax.config_check import all_keys, load_config
+
+    keys = set(all_keys(load_config(path)))
+    documented = _documented_overrides()
+    assert {"data.shards", "data.tokenizer", "init_from", "data.paths"} <= documented.keys()
+    overrides = [(k, v) for k, values in documented.items() if k in keys for v in values]
+    for key, value in overrides:  # one command line per override, as a user types it
+        argv = ["prog", f"--config={path}", f"--config.{key}={value}"]
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True,
+                                        sys_argv=argv)  # as crate_jax.main defines it
+        values(argv)
+        node = values.config
+        for part in key.split("."):
+            node = node[part]
+        assert str(node) == value or node == type(node)(value), (key, node, value)

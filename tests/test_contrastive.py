@@ -327,3 +327,16 @@ def test_contrastive_training_from_webdataset_shards(tmp_path):
     assert final["step"] == config.total_steps
     lines = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert '"data/bad_images"' in lines
+
+
+def test_contrastive_training_from_shards_converted_to_array_record(tmp_path):
+    from crate_jax.data.wds.to_array_record import convert
+
+    shards = _write_caption_shards(tmp_path / "shards", n=64)
+    assert convert(shards, str(tmp_path / "ar"), per_file=20)["records"] == 64
+    config = _demo_smoke()
+    config.data.update(source="array_record", paths=str(tmp_path / "ar" / "*.array_record"),
+                       tokenizer="bytes", num_workers=0)
+    final = train_and_evaluate(config, str(tmp_path / "run"))
+    assert final["step"] == config.total_steps
+    assert "train/loss" in (tmp_path / "run" / "metrics.jsonl").read_text()
