@@ -151,6 +151,23 @@ def test_a_killed_worker_is_named_not_a_hang(paths):
     batches.close()
 
 
+def test_workers_outlive_a_preemption_notice_until_closed(paths):
+    """SIGTERM to the process group (a scheduler's preemption notice) leaves the workers
+    serving: the trainer may need more batches before its save."""
+    batches = ProcessBatches(FACTORY, {"paths": paths}, processes=2, process_index=0,
+                             process_count=1)
+    reference = ProcessBatches(FACTORY, {"paths": paths}, processes=2, process_index=0,
+                               process_count=1)
+    first = _numbers(batches, 2)
+    for pid in batches.pids:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert first + _numbers(batches, 20) == _numbers(reference, 22)
+    batches.close()
+    assert all(w.process.returncode is not None for w in batches._workers)
+    reference.close()
+
+
 def test_a_bad_setting_fails_at_the_start_and_leaves_no_worker(paths):
     before = _children()
     with pytest.raises(ValueError, match="shuffle_buffer must be an integer >= 0"):

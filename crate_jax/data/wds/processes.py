@@ -26,8 +26,10 @@ the virtual process count is the same, else the readers' elastic resume.
 Faults. A worker's error (the bad-data check, a setting its reader refuses) reaches the consumer
 at that worker's turn as the same exception (a RuntimeError carrying its text when it does not
 pickle), and stays. A worker that dies (killed, out of memory) raises RuntimeError naming it
-and its exit status. Workers end when the consumer closes the batches or exits: their pipe
-closes, and a worker whose parent has died exits within a second.
+and its exit status. Workers ignore SIGINT and SIGTERM, which a terminal or a scheduler sends to
+the whole process group: the training process decides when to stop, and may need more batches
+first (a preemption save). They end when the consumer closes the batches (SIGKILL: they hold
+nothing to save) or exits (a worker whose parent has died exits within a second).
 
 Start. Workers are fresh interpreters (``python -m crate_jax.data.wds.processes FD``), not
 forks (JAX's threads do not survive a fork) and not multiprocessing's spawn (which re-imports
@@ -92,14 +94,10 @@ class _Worker:
                 "crash: its own output is above)"))
 
     def stop(self) -> None:
-        self.conn.close()  # a worker waiting to send sees the pipe close and exits
+        self.conn.close()
         if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            self.process.kill()  # it holds nothing to save, and it ignores SIGTERM
+        self.process.wait()
 
 
 class ProcessBatches:
@@ -264,7 +262,10 @@ def _exit_with_parent() -> None:
 def _serve(fd: int) -> None:
     """A worker's life: build the pipeline, report its state, then send batches until the
     pipe closes or the pipeline fails."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # Ctrl-C and SIGTERM (a preemption notice, sent to the whole process group) are the
+    # parent's to handle: it may need more batches before it saves and stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exit_with_parent()
     conn = Connection(fd)
     factory, kwargs, index, count, resume = conn.recv()
