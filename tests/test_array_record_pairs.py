@@ -99,6 +99,11 @@ def test_a_conversion_that_breaks_midway_removes_its_files(shards, tmp_path, mon
     with pytest.raises(OSError, match="disk full"):
         to_array_record.convert(paths, str(out), per_file=5)
     assert os.listdir(out) == []
+    # what a SIGKILLed conversion leaves is hidden, and the next run into OUT removes it
+    (out / ".part-00007.array_record.tmp").write_bytes(b"half")
+    monkeypatch.setattr(to_array_record, "encode", real)
+    to_array_record.convert(paths, str(out), per_file=10)
+    assert not [n for n in os.listdir(out) if n.startswith(".part-")]
 
 
 def test_the_command_line_prints_what_it_did(shards, tmp_path, capsys):

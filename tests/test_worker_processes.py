@@ -168,6 +168,23 @@ def test_workers_outlive_a_preemption_notice_until_closed(paths):
     reference.close()
 
 
+def test_a_worker_that_cannot_start_leaves_no_other_running(paths, monkeypatch):
+    from crate_jax.data.wds import processes
+
+    class NoSecond(processes._Worker):
+        def __init__(self, number, *args):
+            if number == 1:
+                raise OSError("cannot start a process")
+            super().__init__(number, *args)
+
+    monkeypatch.setattr(processes, "_Worker", NoSecond)
+    before = _children()
+    with pytest.raises(OSError, match="cannot start"):
+        ProcessBatches(FACTORY, {"paths": paths}, processes=2, process_index=0,
+                       process_count=1)
+    assert _children() <= before
+
+
 def test_a_bad_setting_fails_at_the_start_and_leaves_no_worker(paths):
     before = _children()
     with pytest.raises(ValueError, match="shuffle_buffer must be an integer >= 0"):

@@ -1,13 +1,11 @@
 """Batches made by worker processes, each a whole pipeline over its own share of the shards.
 
 Why processes. In one process the decode threads share the GIL with the reader and with each
-other. On the 2-core machine Python holds the GIL for about a quarter of each pair's CPU time
-(tar parsing and the shuffle buffer about 110 µs a pair; the crop's bookkeeping, the per-sample
-RNG and the tokenizer's wrapper about 60 µs), and a thread whose decode ends while the other
-holds the GIL waits for it: 2 threads made 1.5-1.8x the pairs of one, using 1.7-1.8 of the 2
-cores, and still 1.3-1.6x with the reader replaced by a list in memory, so no trimming of the
-reader would fix it. Processes share no GIL: each worker here runs the in-process pipeline
-(`batches.OrderedBatches`, its threads overlapping I/O and decoding) on its own shards.
+other: Python holds it for about a quarter of each pair's time (tar parsing and the shuffle
+buffer ~110 µs, the crop's bookkeeping, RNG and tokenizer wrapper ~60 µs), so on 2 cores 2
+threads made 1.5-1.8x the pairs of one, and still 1.3-1.6x with the reader replaced by a list
+in memory. Each worker here runs the in-process pipeline (`batches.OrderedBatches`, its
+threads overlapping I/O and decoding) on its own shards, with a GIL of its own.
 
 Layout. On host p of n with P workers, worker k is virtual process v = p·P + k of n·P (the
 reader's `process_index` / `process_count`), so together the workers of all hosts read every
@@ -31,14 +29,14 @@ the whole process group: the training process decides when to stop, and may need
 first (a preemption save). They end when the consumer closes the batches (SIGKILL: they hold
 nothing to save) or exits (a worker whose parent has died exits within a second).
 
-Start. Workers are fresh interpreters (``python -m crate_jax.data.wds.processes FD``), not
-forks (JAX's threads do not survive a fork) and not multiprocessing's spawn (which re-imports
-the parent's __main__: the trainer, JAX and all). The constructor waits until every worker has
-built its pipeline, so a bad setting fails there, before training starts.
+Start. Workers are fresh interpreters (``python -m crate_jax.data.wds.processes FD``): no fork
+(JAX's threads do not survive one), no multiprocessing spawn (it re-imports the trainer's
+__main__). The constructor waits for every worker's pipeline: a bad setting fails there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pickle
@@ -84,10 +82,9 @@ class _Worker:
         try:
             return _receive(self.conn)
         except (EOFError, OSError):
-            try:
-                code = self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                code = None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
+            code = self.process.returncode
             return ("error", RuntimeError(
                 f"data worker process {self.number} (pid {self.process.pid}) ended with exit "
                 f"status {code} before sending its next batch (killed, out of memory, or a "
@@ -120,9 +117,15 @@ class ProcessBatches:
         """Start the workers (worker k resumed by resumes[k]: (method, argument)) and wait for
         each to report its starting state; raises the first worker's error."""
         count = self.process_count * self.processes
-        self._workers = [
-            _Worker(k, self.factory, self.kwargs, self.process_index * self.processes + k,
-                    count, resume) for k, resume in enumerate(resumes)]
+        self._workers = []
+        try:
+            for k, resume in enumerate(resumes):
+                self._workers.append(_Worker(k, self.factory, self.kwargs,
+                                             self.process_index * self.processes + k, count,
+                                             resume))
+        except BaseException:  # a worker that cannot start: none is left running
+            self._halt()
+            raise
         self._states: list[dict] = []
         self._metrics: list[dict[str, float]] = []
         self._next, self._error, self._closed = next_worker, None, False

@@ -21,8 +21,9 @@ unreadable shards are skipped and counted as the reader counts them; more than
 ``--max_bad_fraction`` bad stops the conversion naming the shards. Files hold ``--per_file``
 records each, written with ``group_size:1`` (every record readable on its own: random access)
 under temporary names, renamed to ``data-00000-of-00012.array_record`` ... only when all are
-written; on any error the files of the run are removed. OUT/conversion.json records the
-counts. An OUT that already holds ArrayRecord files is refused.
+written; on any error the files of the run are removed (after a SIGKILL the next run into
+the same OUT removes them). OUT/conversion.json records the counts. An OUT that already
+holds ArrayRecord files is refused.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def convert(shards: str | list[str], out: str, per_file: int = 10_000,
     if glob.glob(os.path.join(out, "*.array_record")):
         raise FileExistsError(f"{out} already holds .array_record files; give an empty --out")
     os.makedirs(out, exist_ok=True)
+    for stale in glob.glob(os.path.join(out, ".part-*.array_record.tmp")):
+        os.remove(stale)  # a conversion killed before it could clean up
     written: list[str] = []
     writer, count = None, 0
     try:
