@@ -6,7 +6,7 @@ does CRATE / CRATE-α start as fast as a ViT of the same width and depth?
 Trains configs/demo_classification.py (8 classes, 32 px, batch 64) with each model for --steps
 steps, evaluating every --every steps on 500 held-out images, and prints the first evaluated
 step at which val/top1 reaches --target, with the whole accuracy curve. Each family starts from
-its own reference initialisation (DESIGN.md §1).
+its own reference initialisation (docs/design.md §1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CRATE-α-CLIPA-B/16: the L/14 recipe (configs/clipa_l14.py, DESIGN.md §4) with the B/16 image
+"""CRATE-α-CLIPA-B/16: the L/14 recipe (configs/clipa_l14.py, docs/design.md §4) with the B/16 image
 tower, pretrained at 112 px (49 patches, CLIPA's resolution for /16 models) and finetuned at
 224 px. As in the official config's size table, B also projects to 1,024 against text "H".
 No B/16 result is published; the numbers here are the L/14 recipe's.

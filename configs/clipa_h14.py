@@ -1,4 +1,4 @@
-"""CRATE-α-CLIPA-H/14: the L/14 recipe (configs/clipa_l14.py, DESIGN.md §4) with the H/14 image
+"""CRATE-α-CLIPA-H/14: the L/14 recipe (configs/clipa_l14.py, docs/design.md §4) with the H/14 image
 tower (1280 × 32, 16 heads) and the CLIPA-v2 H/14 schedule.
 
 pretrain: 84 px (36 patches) and 8 text tokens, batch 65,536, 12.8B samples seen (CLIPA-v2);

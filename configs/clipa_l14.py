@@ -1,4 +1,4 @@
-"""CRATE-α-CLIPA-L/14 as the official config runs it (DESIGN.md §4,
+"""CRATE-α-CLIPA-L/14 as the official config runs it (docs/design.md §4,
 configs/crate/clipa/84_32_pre_training.py of the CRATE-α repository).
 
 pretrain: 84 px (36 patches), 32 text tokens, batch 32,768, lr 1.024e-3 (8e-6 × 64 × 2), 1,600

@@ -1,4 +1,4 @@
-"""CRATE-α finetuning on ImageNet-1K from an ImageNet-21K pretrain (DESIGN.md §4).
+"""CRATE-α finetuning on ImageNet-1K from an ImageNet-21K pretrain (docs/design.md §4).
 
 Same optimiser as the pretrain (Adam b1 0.9, b2 0.95, weight decay 0.1, clip 1.0), peak lr
 1.6e-4, RandAugment(2, 9), label smoothing 0.1, a re-initialised head, 91 epochs, 224 px. The

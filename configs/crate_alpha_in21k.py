@@ -1,4 +1,4 @@
-"""CRATE-α pretraining on ImageNet-21K (the CRATE-α paper's recipe; DESIGN.md §4).
+"""CRATE-α pretraining on ImageNet-21K (the CRATE-α paper's recipe; docs/design.md §4).
 
 224 px, batch 4096, Adam (b1 0.9, b2 0.95), peak lr 8e-4, 10 warmup epochs, cosine to 1e-6,
 weight decay 0.1, gradient clip 1.0, mixup 0.8 / cutmix 1.0, 91 epochs.

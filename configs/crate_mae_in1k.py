@@ -4,14 +4,17 @@ Completion via Structured Diffusion with White-Box Transformers"), and the ViT-M
     python -m crate_jax.main --config=configs/crate_mae_in1k.py:variant=B --workdir=gs://.../mae_b
     python -m crate_jax.main --config=configs/crate_mae_in1k.py:variant=B,family=vit ...
 
-From DESIGN.md §1: the CRATE encoder (ISTA λ = 0.5) and its transposed decoder of the same
-size, mask tokens inside the encoder, fixed 2-D sin-cos positions, 75 % of the patches masked,
-MSE on the masked patches. Where DESIGN.md and the papers leave it open, MAE's recipe is used
-(my choice, since CRATE-MAE builds on MAE's code): normalised pixel targets, AdamW (b2 0.95),
-lr 1.5e-4 × batch/256, weight decay 0.05, batch 4096, 40 warmup epochs of 800, cosine to 0,
-random resized crops of 20–100 % of the image plus flips. Finetune the encoder into a
-classifier with init_from=<this run>, init_prefix='backbone' and the classifier model
-'crate-<size>/16' with posemb='sincos2d', lam=0.5, layer_norm_eps=1e-6, pool='gap'.
+From docs/design.md §1 and the official crate_ae: the CRATE encoder (ISTA λ = 0.5) and its
+transposed decoder of the same size, a conv stem, mask tokens inside the encoder, MAE's fixed
+2-D sin-cos positions, 75 % of the patches masked (MAE's count, N − int(N·0.25)), MSE on the
+masked patches. Where docs/design.md and the papers leave it open, MAE's recipe is used (my choice,
+since CRATE-MAE builds on MAE's code): normalised pixel targets (unbiased variance, as MAE),
+AdamW (b2 0.95), lr 1.5e-4 × batch/256, weight decay 0.05, batch 4096, 40 warmup epochs of
+800, cosine to 0, random resized crops of 20–100 % of the image plus flips. Finetune the
+encoder into a classifier with init_from=<this run>, init_prefix='backbone' and the classifier
+model 'crate-<size>/16' with stem='conv', posemb='sincos2d_mae', lam=0.5, head_norm_eps=1e-6,
+pool='gap'. The released CRATE-MAE-B imports as such a run:
+`python -m crate_jax.convert import --from crate-mae-torch FILE RUN_DIR`.
 """
 
 import ml_collections

@@ -2,13 +2,14 @@
 
     python -m crate_jax.main --config=configs/demo_mae.py
 
-A small CRATE masked autoencoder (encoder and its transposed CRATE decoder, mask tokens inside
-the encoder, fixed 2-D sin-cos positions) learns to fill in the hidden half of the 4×4 patches
-of 32 px shape images. The mask ratio is 0.5, not the recipe's 0.75: of 64 patches, 0.75 would
-leave 16 visible, and a shape covering 10–30 % of the image would be mostly hidden. It reports
-the held-out masked-patch MSE next to the MSE of predicting each image's mean colour, a k-NN /
-linear probe of the frozen encoder on the 8 shape classes (chance 1/8), and writes
-WORKDIR/reconstruction.png. `:smoke` shrinks it to seconds.
+A small CRATE masked autoencoder (the official crate_ae design: encoder and its transposed
+CRATE decoder, conv stem, mask tokens inside the encoder, MAE's fixed 2-D sin-cos positions)
+learns to fill in the hidden half of the 4×4 patches of 32 px shape images. The mask ratio
+is 0.5, not the recipe's 0.75: of 64 patches, 0.75 would leave 16 visible, and a shape
+covering 10–30 % of the image would be mostly hidden. It reports the held-out masked-patch MSE
+next to the MSE of predicting each image's mean colour, a k-NN / linear probe of the frozen
+encoder on the 8 shape classes (chance 1/8), and writes WORKDIR/reconstruction.png.
+`:smoke` shrinks it to seconds.
 """
 
 import ml_collections

@@ -1,7 +1,7 @@
-"""White-box analysis of trained CRATE / CRATE-α runs: the paper's layer-wise figure, attention
-maps, PCA of the patch features and emergent segmentation. Any run with a CRATE image model:
-classifiers, CLIPA's image tower, a masked autoencoder's encoder (and its CRATE decoder:
-layerwise_autoencoder.png), SimDINO's teacher backbone.
+"""White-box analysis of trained CRATE / CRATE-α / ToST runs: the paper's layer-wise figure,
+attention maps, PCA of the patch features and emergent segmentation. Any run with a CRATE
+image model: classifiers, CLIPA's image tower, a masked autoencoder's encoder (and its CRATE
+decoder: layerwise_autoencoder.png), SimDINO's teacher backbone; ToST classifiers.
 
     python -m crate_jax.analyze --workdir=RUN [--workdir=RUN2 ...] [--random-init] \
         --data=synthetic_shapes --out=DIR
@@ -13,7 +13,8 @@ Writes into DIR:
                           sparsity of the codes, of R and of the sparse rate reduction objective
     layerwise.png         two panels: Rᶜ vs layer, sparsity vs layer; ±std bands, one curve a run
     attention_layer{L}.png  [CLS]→patch attention of every head (rows) for a few images (columns)
-                          in layer L (0-based; --layer -1 is the last), over the image
+                          in layer L (0-based; --layer -1 is the last), over the image;
+                          for ToST its analogue, TSSA's membership Π of every patch per head
     pca.png               the first three principal components of the last layer's patch
                           features as RGB, under each image
     segmentation.json     MaskCut scores (miou, fg_iou, object_iou) of each run and of a random
@@ -68,15 +69,17 @@ def _read_config(path: str, flag: str):
 def _image_tower(model, config, flag: str):
     """The image model inside a task's model: CLIP's image tower, a masked autoencoder's
     encoder ('backbone'), SimDINO's teacher backbone, or the model itself."""
+    from crate_jax.models.tost import ToSTVision
     from crate_jax.models.vision import VisionTransformer
     teacher = getattr(model, "teacher", None)
     tower = (getattr(model, "image", None) or getattr(model, "backbone", None)
              or getattr(teacher, "backbone", None) or model)
-    if not isinstance(tower, VisionTransformer):
+    if not isinstance(tower, VisionTransformer | ToSTVision):
         raise ValueError(f"{flag}: config trainer {config.get('trainer')!r} builds "
                          f"{type(model).__name__}, not an image model")
-    if tower.cfg.block not in ("crate", "crate_alpha"):
-        raise ValueError(f"{flag}: model block {tower.cfg.block!r} is not CRATE or CRATE-α; "
+    if tower.cfg.block not in ("crate", "crate_alpha", "tost"):
+        raise ValueError(f"{flag}: model block {tower.cfg.block!r} is not CRATE, CRATE-α or "
+                         "ToST; "
                          "the white-box measurements need its MSSA subspaces and sparse codes")
     return tower
 
@@ -117,12 +120,29 @@ def build_model(config, *, seed: int = 0, flag: str = "--workdir"):
     return model, _image_tower(model, config, flag)
 
 
-def _with_params(model, params: dict):
+def _with_params(model, params: dict, batch_stats: dict | None = None):
+    """`model` with the checkpoint's parameters and, for models with BatchNorm (ToST), its
+    running statistics (without them eval mode would use the initial 0 / 1)."""
     from flax import nnx
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(model, state)
+    for kind, values in ((nnx.Param, params), (nnx.BatchStat, batch_stats)):
+        if values:
+            state = nnx.state(model, kind)
+            nnx.replace_by_pure_dict(state, values)
+            nnx.update(model, state)
     return model
+
+
+def _batch_stats(directory: str, step: int | None) -> dict:
+    import jax
+    from etils import epath
+
+    from crate_jax.train.checkpoint import Checkpointer
+    checkpointer = Checkpointer(epath.Path(os.path.abspath(directory)), async_save=False)
+    try:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.device_get(checkpointer.restore_batch_stats(step, sharding))
+    finally:
+        checkpointer.close()
 
 
 def load_workdir(workdir: str) -> Run:
@@ -135,7 +155,7 @@ def load_workdir(workdir: str) -> Run:
     if not steps:
         raise FileNotFoundError(f"--workdir: {workdir} has no checkpoint in {ckpt}")
     model, tower = build_model(config, seed=int(config.get("seed", 0)), flag="--workdir")
-    _with_params(model, final_params(workdir))
+    _with_params(model, final_params(workdir), _batch_stats(ckpt, None))
     model.eval()
     return Run(os.path.basename(os.path.normpath(workdir)), workdir, config, tower, max(steps),
                model)
@@ -167,10 +187,11 @@ def load_checkpoint(path: str) -> Run:
             raise FileNotFoundError(f"--checkpoint: no checkpoint step in {path}")
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         params = jax.device_get(checkpointer.restore_params(step, sharding))
+        stats = jax.device_get(checkpointer.restore_batch_stats(step, sharding))
     finally:
         checkpointer.close()
     model, tower = build_model(config, seed=int(config.get("seed", 0)), flag="--checkpoint")
-    _with_params(model, params)
+    _with_params(model, params, stats)
     model.eval()
     name = f"{os.path.basename(workdir)}@{step}"
     return Run(name, path, config, tower, step, model)
@@ -229,8 +250,12 @@ def _forward_fn(graphdef, mean: tuple, std: tuple, layer: int, normalization: st
         _, inter = model(x, collect=True)
         out = measure(model, x, normalization=normalization, eps=eps, include_cls=include_cls,
                       inter=inter)
-        out["cls_attention"] = inter["attention"][layer, :, :, 0, 1:]
-        out["features"] = inter["tokens_out"][-1][:, 1:].astype(jnp.float32)
+        if model.cfg.block == "tost":  # Π (B, K, N): each patch's membership of head k
+            out["cls_attention"] = inter["attention"][layer]
+            out["features"] = inter["tokens_out"][-1].astype(jnp.float32)  # patches only
+        else:
+            out["cls_attention"] = inter["attention"][layer, :, :, 0, 1:]
+            out["features"] = inter["tokens_out"][-1][:, 1:].astype(jnp.float32)
         return out
 
     return jax.jit(forward)
@@ -576,8 +601,10 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
     show = min(args.show, len(data["image"]))
     plot_attention(data["image"][:show], first["cls_attention"][:show], cfg.grid,
                    os.path.join(args.out, f"attention_layer{layer}.png"),
-                   title=f"{primary.name}: [CLS] → patch attention, layer {layer} "
-                         "(rows: heads)")
+                   title=(f"{primary.name}: TSSA membership Π (attention's analogue), "
+                          f"layer {layer} (rows: heads)" if cfg.block == "tost" else
+                          f"{primary.name}: [CLS] → patch attention, layer {layer} "
+                          "(rows: heads)"))
     plot_pca(data["image"][:show], first["features"][:show], cfg.grid,
              os.path.join(args.out, "pca.png"),
              title=f"{primary.name}: PCA of the last layer's patch features")
@@ -629,14 +656,15 @@ def _fmt(values: list[float]) -> str:
 
 
 def _language_run(args: argparse.Namespace) -> bool:
-    """A causal language-model workdir is analysed neuron by neuron (whitebox/neurons.py)."""
+    """A language-model workdir (causal or masked) is analysed neuron by neuron
+    (whitebox/neurons.py)."""
     if len(args.workdir) != 1 or args.checkpoint:
         return False
     path = os.path.join(args.workdir[0], "config.json")
     if not os.path.exists(path):
         return False
     with open(path) as f:
-        return json.load(f).get("trainer") == "lm"
+        return json.load(f).get("trainer") in ("lm", "mlm")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -121,10 +122,13 @@ def diagnose_overrides(argv: Sequence[str]) -> str | None:
     spec = next((a.split("=", 1)[1] for a in argv if re.match(r"^--?config=", a)), None)
     if spec is None:
         return None
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+        return f"--config={spec}: no config file {path!r}"
     try:
         config = load_config(spec)
-    except Exception as e:  # the config file itself is broken: say so
-        return f"--config={spec}: {type(e).__name__}: {e}"
+    except Exception as e:  # the config file itself is broken: say so, in one line
+        return f"--config={spec}: {type(e).__name__}: {' '.join(str(e).split())}"
     for arg in argv:
         match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
         if match:

@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.tensorboard = True
     # typed placeholders (None until set) so that --config.KEY=VALUE can set them
     c.wandb_project = config_dict.placeholder(str)
+    # resuming with changed settings: the dotted keys that may differ from the saved config,
+    # comma-separated (--config.resume_overrides=optim.lr,optim.eps); see train/loop.py
+    c.resume_overrides = config_dict.placeholder(str)
     c.profile = ml_collections.ConfigDict({"start_step": -1, "num_steps": 0})
     c.init_from = config_dict.placeholder(str)  # a workdir or checkpoint to finetune from
     c.init_step = config_dict.placeholder(int)
@@ -174,14 +177,14 @@ def smoke_clip(c: ml_collections.ConfigDict, *,
 
 
 # The CRATE-α-CLIPA recipe trains the image tower against a pretrained text tower that stays
-# frozen together with the temperature (DESIGN.md §4; the official config freezes 't' and
+# frozen together with the temperature (docs/design.md §4; the official config freezes 't' and
 # 'txt/.*').
 CLIPA_FROZEN = ("text", "text_proj", "logit_scale")
 
 
 def clipa_config(*, image: str, text: str, embed_dim: int, arg: str | None,
                  pretrain: dict, finetune: dict) -> ml_collections.ConfigDict:
-    """A CRATE-α-CLIPA recipe (DESIGN.md §4) with a low-resolution pretrain stage and a
+    """A CRATE-α-CLIPA recipe (docs/design.md §4) with a low-resolution pretrain stage and a
     full-resolution finetune stage: `--config=configs/clipa_X.py:stage=pretrain|finetune
     [,text_from=RUN][,init_from=RUN][,shards=PATTERN][,tokenizer=vocab.txt][,smoke]`.
 
@@ -214,13 +217,20 @@ def clipa_config(*, image: str, text: str, embed_dim: int, arg: str | None,
         # shards open, 4 decode threads): threads alone stall on the GIL (README, Input
         # pipelines)
         shuffle_buffer_bytes=12 << 30, interleave=8, max_bad_fraction=0.2,
-        worker_processes=8, num_workers=4))
+        worker_processes=8, num_workers=4,
+        # evaluation images as the release's eval_in1k.py makes them: short side bilinear,
+        # centre crop of the whole short side
+        eval_crop_fraction=1.0, eval_interpolation="bilinear"))
     c.image_reduction = ml_collections.ConfigDict(dict(strategy="none", keep=1.0))
+    # the release's protocols (docs/design.md §3): ImageNet-1K zero-shot with the 80 templates,
+    # retrieval on COCO's Karpathy 5k test and Flickr30k's 1k test, 5 captions per image
     c.evals = ml_collections.ConfigDict(dict(
         imagenet_zeroshot=dict(kind="zeroshot", source="tfds", name="imagenet2012",
                                split="validation", optional=True),
         coco_retrieval=dict(kind="retrieval", source="tfds", name="coco_captions",
-                            split="val", optional=True)))
+                            split="test", captions_per_image=5, optional=True),
+        flickr30k_retrieval=dict(kind="retrieval", source="tfds", name="flickr30k",
+                                 split="test", captions_per_image=5, optional=True)))
     c.batch_size = stage.batch_size
     c.eval_batch_size = 1024
     c.total_steps = int(stage.samples) // stage.batch_size

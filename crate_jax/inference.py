@@ -34,9 +34,6 @@ from crate_jax.train.checkpoint import Checkpointer
 
 __all__ = ["Loaded", "eval_specs", "evaluate", "load", "read_run_config"]
 
-DEFAULT_TEMPLATE = "a photo of a {}."
-
-
 def absolute(path: str) -> str:
     """A local path made absolute (orbax needs absolute paths); gs:// and the like as given."""
     path = str(path)
@@ -90,15 +87,15 @@ class Loaded:
         centre-cropped as the evaluation pipeline does."""
         from PIL import Image
 
+        crop, interpolation = image_ops.eval_resize_settings(
+            self.config.data, getattr(self.task, "eval_crop_default", image_ops.DEFAULT_EVAL_CROP))
         out = []
         for image in images:
             if isinstance(image, str | epath.Path):
                 with epath.Path(image).open("rb") as f:
                     image = Image.open(f).convert("RGB")
-            image = image_ops.to_pil(image)
-            if image.size != (self.image_size, self.image_size):
-                image = image_ops.resize_center_crop(
-                    image, self.image_size, self.config.data.get("eval_crop_fraction", 0.875))
+            image = image_ops.resize_center_crop(image_ops.to_pil(image), self.image_size,
+                                                 crop, interpolation)
             out.append(np.asarray(image, np.uint8))
         return np.stack(out)
 
@@ -122,13 +119,25 @@ class Loaded:
         """L2-normalised text embeddings (B, embed_dim)."""
         return np.asarray(self.model.encode_text(jnp.asarray(self.tokenize(texts))))
 
+    def zero_shot_weights(self, class_names: Sequence[str],
+                          templates: Sequence[str] | None = None) -> np.ndarray:
+        """(classes, embed_dim) zero-shot weights: per class, the mean of its L2-normalised
+        prompt embeddings, normalised again (eval_in1k.py's rule); `templates` default to
+        OpenAI CLIP's 80 ImageNet templates, as the release evaluates."""
+        from crate_jax.evals.zeroshot import class_weights, imagenet_templates
+
+        templates = list(templates) if templates is not None else imagenet_templates()
+        return class_weights(self.encode_text, list(class_names), templates)
+
     def zero_shot(self, images: Sequence[Any], class_names: Sequence[str],
-                  templates: Sequence[str] = (DEFAULT_TEMPLATE,)) -> np.ndarray:
-        """Class probabilities (B, classes): each class embedded as the mean of its prompts."""
-        prompts = [t.format(name) for name in class_names for t in templates]
-        text = self.encode_text(prompts).reshape(len(class_names), len(templates), -1).mean(1)
-        text /= np.linalg.norm(text, axis=-1, keepdims=True)
-        logits = float(np.exp(self.model.logit_scale[...])) * self.encode_image(images) @ text.T
+                  templates: Sequence[str] | None = None) -> np.ndarray:
+        """Class probabilities (B, classes): softmax of 100 · cos(image, zero_shot_weights),
+        the logits of eval_in1k.py, on images preprocessed as the run's evaluation does."""
+        from crate_jax.evals.embedding import l2_normalize
+        from crate_jax.evals.zeroshot import LOGIT_SCALE
+
+        weights = self.zero_shot_weights(class_names, templates)
+        logits = LOGIT_SCALE * l2_normalize(self.encode_image(images)) @ weights.T
         return np.asarray(jax.nn.softmax(logits, axis=-1))
 
     def classify(self, images: Sequence[Any]) -> np.ndarray:
@@ -154,8 +163,13 @@ def load(run_dir: str, *, step: int | None = None, tokenizer: str | None = None)
 
 # --- the evaluators of a run (python -m crate_jax.evaluate) ------------------------------
 
-TFDS_DEFAULT = {"zeroshot": ("imagenet2012", "validation"), "retrieval": ("coco_captions", "val")}
 KINDS = ("zeroshot", "retrieval", "probe")
+# The published protocols' sets, each used by --data=auto when it is prepared: zero-shot
+# ImageNet-1K validation; retrieval on COCO's Karpathy 5k test and Flickr30k's 1k test;
+# probes (k-NN, linear) trained on ImageNet-1K train, tested on its validation split.
+TFDS_DEFAULT = {"zeroshot": [("imagenet2012", "validation")],
+                "retrieval": [("coco_captions", "test"), ("flickr30k", "test")],
+                "probe": [("imagenet2012", "train,validation")]}
 
 
 def _synthetic_spec(kind: str, num: int | None) -> dict[str, Any]:
@@ -166,71 +180,153 @@ def _synthetic_spec(kind: str, num: int | None) -> dict[str, Any]:
     return spec
 
 
-def _tfds_prepared(name: str, split: str) -> bool:
-    from crate_jax.data.images import image_source
+def _tfds_splits(name: str) -> list[str] | None:
+    """The splits of the prepared TFDS dataset `name`, or None when it is not prepared."""
+    from crate_jax.data.tfds_source import open_builder
 
-    try:
-        image_source(ml_collections.ConfigDict(dict(source="tfds", name=name)), split)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
+    try:  # prepared in a format it cannot read: that error, not a fallback
+        return sorted(open_builder(name, None).info.splits)
+    except FileNotFoundError:
+        return None
+
+
+def _tfds_spec(kind: str, name: str, splits: str) -> tuple[str, dict[str, Any]]:
+    """(evaluator name, spec) of TFDS `name` with `splits` ('SPLIT'; for probes
+    'TRAIN,TEST', or 'TEST' with train 'train', or '' for train and test / validation)."""
+    spec = dict(kind=kind, source="tfds", name=name)
+    if kind == "probe":
+        train, _, test = splits.rpartition(",")
+        if not test:
+            available = _tfds_splits(name) or []
+            test = "test" if "test" in available or "validation" not in available else \
+                "validation"
+        spec.update(train_split=train or "train", split=test)
+    else:
+        spec["split"] = splits or {"zeroshot": "validation", "retrieval": "test"}[kind]
+    return f"{kind}_{name.split('/')[0]}", spec
+
+
+def _auto_specs(kind: str, own: dict, num: int | None) -> dict[str, dict]:
+    mine = {n: dict(s) for n, s in own.items() if s.get("kind") == kind}
+    if mine:
+        return mine
+    found = dict(_tfds_spec(kind, name, splits) for name, splits in TFDS_DEFAULT[kind]
+                 if _tfds_splits(name) is not None)
+    missing = [name for name, _ in TFDS_DEFAULT[kind] if not any(
+        s["name"] == name for s in found.values())]
+    if missing:
+        print(f"{kind}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+              "prepared" + ("" if found else "; using the synthetic captioned shapes"),
+              flush=True)
+    return found or {kind: _synthetic_spec(kind, num)}
 
 
 def eval_specs(config: ml_collections.ConfigDict, kinds: list[str], data: str,
-               num: int | None) -> dict[str, dict]:
-    """{name: spec} for the requested kinds (see the module docstring)."""
+               num: int | None, *, probe_data: str | None = None) -> dict[str, dict]:
+    """{name: spec} for the requested kinds (see crate_jax/evaluate.py's docstring)."""
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ValueError(f"--evals: {unknown} unknown; kinds are {list(KINDS)}")
-    own = dict(config.get("evals") or {})
-    specs = {}
+    own = dict(config.get("evals") or {}) if config.trainer == "contrastive" else {}
+    specs: dict[str, dict] = {}
     for kind in kinds:
-        if data == "auto":
-            mine = [(n, dict(s)) for n, s in own.items() if s.get("kind") == kind]
-            if mine:
-                specs.update(mine)
-                continue
-            name, split = TFDS_DEFAULT.get(kind, (None, None))
-            if name and _tfds_prepared(name, split):
-                specs[kind] = dict(kind=kind, source="tfds", name=name, split=split)
-            else:
-                print(f"{kind}: {name or 'no TFDS set'} is not prepared; using the synthetic "
-                      "captioned shapes", flush=True)
-                specs[kind] = _synthetic_spec(kind, num)
-        elif data == "synthetic":
-            specs[kind] = _synthetic_spec(kind, num)
-        elif data.startswith("tfds:"):
-            name, _, split = data[5:].partition(":")
-            specs[kind] = dict(kind=kind, source="tfds", name=name,
-                               split=split or TFDS_DEFAULT.get(kind, ("", "validation"))[1])
+        choice = probe_data if kind == "probe" and probe_data else data
+        flag = "--probe_data" if kind == "probe" and probe_data else "--data"
+        if choice == "auto":
+            found = _auto_specs(kind, own, num)
+        elif choice == "synthetic":
+            found = {kind: _synthetic_spec(kind, num)}
+        elif choice.startswith("tfds:") and choice[5:].partition(":")[0]:
+            name, _, splits = choice[5:].partition(":")
+            found = dict([_tfds_spec(kind, name, splits)])
         else:
-            raise ValueError(f"--data={data!r}: use auto, synthetic or tfds:NAME[:SPLIT]")
-        if num is not None:
-            specs[kind]["num_examples"] = num
+            raise ValueError(f"{flag}={choice!r}: use auto, synthetic or "
+                             "tfds:NAME[:SPLIT] (probes: tfds:NAME[:TRAIN_SPLIT,TEST_SPLIT])")
+        for spec in found.values():
+            if num is not None:
+                spec["num_examples"] = num
+        specs.update(found)
     return specs
 
 
-def evaluate(workdir: str, *, kinds: list[str], data: str = "auto",
+# The probes' feature of each trainer's model (crate_jax.evals.probe.image_features).
+PROBE_FEATURES = {
+    "contrastive": "image embedding (the image tower's pooled output, projected)",
+    "simdino": "the teacher backbone's pooled output",
+    "mae": "the encoder's pooled output of the whole image",
+    "classification": "the backbone's pooled output, the head's input (for pool=cls: the "
+                      "cls token after the final norm)",
+}
+
+
+def _normalisation(task: tasks.Task) -> tuple[list[float], list[float]]:
+    """(mean, std) of the task's image normalisation, read off its preprocess: x ↦ (x/255 −
+    m)/s gives −m/s at 0 and (1 − m)/s at 255, whatever config key or default set them."""
+    edges = np.array([[[[0] * 3]], [[[255] * 3]]], np.uint8)
+    low, high = np.asarray(task.preprocess({"image": jnp.asarray(edges)}), np.float64)[:, 0, 0]
+    std = 1.0 / (high - low)
+    return [round(float(v), 6) for v in -low * std], [round(float(v), 6) for v in std]
+
+
+def _probe_evaluator(name: str, spec: dict, config: ml_collections.ConfigDict,
+                     task: tasks.Task):
+    """A ProbeEvaluator of any run's image tower on the spec's labelled images."""
+    from crate_jax.data import image_text
+    from crate_jax.evals.clip import ProbeEvaluator, preprocessing_protocol
+
+    spec = ml_collections.ConfigDict(spec)
+    data, default_crop = config.data, getattr(task, "eval_crop_default",
+                                              image_ops.DEFAULT_EVAL_CROP)
+    per_process = config.eval_batch_size // jax.process_count()
+
+    def batches(split: str):
+        return image_text.eval_batches_factory(spec, data, per_process, split,
+                                               default_crop=default_crop)
+
+    where = f"tfds {spec.name}" if spec.source == "tfds" else spec.source
+    first = f" (first {spec.num_examples})" if spec.get("num_examples") else ""
+    protocol = {"data": f"{where}: train {spec.train_split}{first}, test {spec.split}{first}",
+                "feature": PROBE_FEATURES.get(config.trainer, "model.encode_image"),
+                **preprocessing_protocol(data.image_size, *image_ops.eval_resize_settings(
+                    data, default_crop), *_normalisation(task),
+                    generated=spec.source == "synthetic_captions")}
+    return ProbeEvaluator(name, batches(spec.train_split), batches(spec.split), task.preprocess,
+                          num_classes=spec.get("num_classes"), protocol=protocol)
+
+
+def evaluate(workdir: str, *, kinds: list[str] | None = None, data: str = "auto",
              tokenizer: str | None = None, step: int | None = None,
-             num_examples: int | None = None,
-             batch_size: int | None = None) -> dict[str, float]:
-    """The metrics of the run's evaluators on its checkpoint (see the module docstring)."""
+             num_examples: int | None = None, batch_size: int | None = None,
+             probe_data: str | None = None) -> dict[str, Any]:
+    """The metrics of the requested evaluators on the run's checkpoint, each with its
+    protocol record under '{name}/protocol' (see crate_jax/evaluate.py's docstring)."""
     from crate_jax import parallel
     from crate_jax.train.finetune import _checkpointer
 
     workdir = absolute(workdir)
     config = read_run_config(workdir, tokenizer)
+    kinds = kinds or (["zeroshot", "retrieval"] if config.trainer == "contrastive" else ["probe"])
+    specs = eval_specs(config, kinds, data, num_examples, probe_data=probe_data)
+    text_specs = {n: s for n, s in specs.items() if s["kind"] != "probe"}
+    if config.trainer != "contrastive" and text_specs:
+        raise ValueError(f"--evals: {sorted({s['kind'] for s in text_specs.values()})} need a "
+                         f"two-tower (contrastive) run; {workdir} is a {config.trainer!r} run, "
+                         "whose image tower --evals=probe evaluates")
+    if text_specs and not config.data.get("tokenizer") and "source" not in config.data:
+        raise ValueError(f"--tokenizer: {workdir} (an imported checkpoint) names no "
+                         "tokenizer; pass the one its text tower was trained with (the "
+                         "CRATE-α-CLIPA releases: BERT-base uncased vocab.txt, shipped as "
+                         "builtin:bert_base_uncased)")
     if config.trainer == "contrastive":
-        if not config.data.get("tokenizer") and "source" not in config.data:
-            raise ValueError(f"--tokenizer: {workdir} (an imported checkpoint) names no "
-                             "tokenizer; pass the one its text tower was trained with (the "
-                             "CRATE-α-CLIPA releases: BERT-base uncased vocab.txt)")
-        config.evals = eval_specs(config, kinds, data, num_examples)
+        config.evals = text_specs
     batch_size = batch_size or config.get("eval_batch_size") or 64
     config.eval_batch_size = batch_size
     if "batch_size" not in config:  # an imported run has no training batch
         config.batch_size = batch_size
     task = tasks.get(config.trainer)(config)
+    evaluators = task.evaluators() if text_specs else []
+    evaluators += [_probe_evaluator(n, s, config, task) for n, s in specs.items()
+                   if s["kind"] == "probe"]
     mesh = parallel.make_mesh({"fsdp": -1})
     abstract = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
     graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
@@ -247,7 +343,8 @@ def evaluate(workdir: str, *, kinds: list[str], data: str = "auto",
             params = checkpointer.restore_param_subset(found, target)
         finally:
             checkpointer.close()
-        results: dict[str, float] = {"step": float(found)}
-        for evaluator in task.evaluators():
+        results: dict[str, Any] = {"step": float(found)}
+        for evaluator in evaluators:
             results.update(evaluator.run(graphdef, params, rest, mesh))
+            results[f"{evaluator.name}/protocol"] = dict(evaluator.protocol or {})
     return results

@@ -10,16 +10,23 @@ absl, jax) goes to DIR/logs/train_<process>.log (crate_jax/train/logfile.py).
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 import signal
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# First of all (before absl, ml_collections and jax load, which take seconds): SIGTERM becomes
+# a flag, so a signal at any moment of the start exits cleanly rather than with -15.
+from crate_jax.train import signals
 
-from crate_jax import config_check
-from crate_jax.train import logfile
+signals.install()
+
+import logging as std_logging  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from crate_jax import config_check  # noqa: E402
+from crate_jax.train import logfile  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (Python, get_config(arg)); add ':ARG' to pass an argument.",
@@ -41,14 +48,31 @@ def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with one clear line for a mistyped --config.key (and the nearest
     valid key) instead of ml_collections' chained tracebacks."""
     try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"crate_jax.main: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (AttributeError, KeyError, ValueError, TypeError) as e:
+        rest = flags.FLAGS(argv)
+        if _CONFIG.value is not None:
+            _CONFIG.value.get("trainer")  # a file that failed to load raises on first access
+    except (flags.Error, OSError, AttributeError, KeyError, ValueError, TypeError) as e:
         problem = config_check.diagnose_overrides(argv)
-        print(f"crate_jax.main: {problem or e}", file=sys.stderr)
-        sys.exit(2)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _fail(f"crate_jax.main: {problem or first}", code=2)
+    if flags.FLAGS["workdir"].present and not _WORKDIR.value:
+        _fail("crate_jax.main: --workdir is empty; give a directory, or leave the flag out "
+              "for the default runs/<config name>", code=2)
+    return rest
+
+
+def _fail(message: str, code: int = 1) -> None:
+    """One line on stderr, no traceback, and the exit code."""
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _stop_if_signalled(step: str) -> None:
+    """A SIGTERM that arrived during the start: exit 0 before anything is written."""
+    if signals.received():
+        print(f"stopping {step} after a termination signal; nothing was written",
+              flush=True)
+        sys.exit(0)
 
 
 def main(argv: list[str]) -> None:
@@ -62,30 +86,41 @@ def main(argv: list[str]) -> None:
     import jax
 
     from crate_jax.parallel import maybe_initialize_distributed
-    from crate_jax.train import signals
+    from crate_jax.train.checkpoint import CheckpointDamagedError
     from crate_jax.train.loop import train_and_evaluate
+    from crate_jax.train.workdir import RunFailed
 
+    _stop_if_signalled("at startup")
     if maybe_initialize_distributed():  # on the console: which process this log belongs to
         print(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
               f"{jax.local_device_count()} local / {jax.device_count()} global devices",
               flush=True)
-    if jax.process_count() == 1:  # several processes: jax's preemption notifier owns SIGTERM
-        signals.install()  # from here on SIGTERM is a flag the loop honours, never a kill
+        # jax's preemption notifier has now replaced our SIGTERM handler (at the C level), as
+        # it should with several processes; a signal that came before is honoured here.
+        _stop_if_signalled("at startup")
+        if not getattr(jax.config, "jax_enable_preemption_service", True):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # no notifier: a plain kill again
 
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(
         flags.FLAGS["config"]))
     print(f"workdir {workdir}", flush=True)
     try:
         final = train_and_evaluate(_CONFIG.value, workdir)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError, CheckpointDamagedError, RunFailed) as e:
         std_logging.getLogger("crate_jax").info("run failed", exc_info=True)
         log = logfile.spill()
-        print(f"error: {e}" + (f"\n(details in {log})" if log else ""), file=sys.stderr,
+        _fail(f"error: {_one_line(e)}" + (f" (details in {log})" if log else ""))
+    if final:
+        print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(final.items())),
               flush=True)
-        sys.exit(1)
-    print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(final.items())), flush=True)
     # A SIGTERM arriving after this point finds a finished run: exit 0 rather than -15.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message as one line (an OSError's names its file)."""
+    text = " ".join(line.strip() for line in str(error).strip().splitlines())
+    return text or type(error).__name__
 
 
 def run() -> None:

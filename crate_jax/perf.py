@@ -1,7 +1,19 @@
-"""FLOP counting and model-FLOPs utilisation (MFU).
+"""FLOP counting: model FLOPs and hardware FLOPs, and their utilisations (MFU, HFU).
 
-MFU = model FLOPs per step / (step time × peak FLOP/s of the devices), with model FLOPs
-= 3 × forward FLOPs (forward + backward, no remat recomputation counted), DESIGN.md §6.
+Two counts of one train step, each under its own name (docs/design.md §6):
+
+    model FLOPs     what the model needs: 3 × the forward FLOPs of the loss on the step's
+                    global batch (forward + backward), each example counted once, whatever
+                    the remat policy or the gradient accumulation (`model_flops`). An operation
+                    that depends on no trained parameter (a frozen tower, an EMA teacher, the
+                    input pipeline's normalisation) has no backward pass and counts once.
+    hardware FLOPs  everything the compiled step executes: forward, backward, remat's
+                    recomputation, feature-cached accumulation's second forward pass, the
+                    optimizer (`jaxpr_flops` of the step).
+
+MFU = model FLOPs / (step time × peak); HFU = hardware FLOPs / (step time × peak). Only MFU
+compares across remat policies and implementations; HFU says how busy the chips were.
+
 FLOPs are counted on the program's jaxpr (`jaxpr_flops`): XLA's cost analysis counts the
 body of a while loop once, so it undercounts a scanned layer stack by a factor of the depth.
 The jaxpr is what `jax.jit(f).trace(...)` gives before any compile, so counting costs no
@@ -17,11 +29,14 @@ second compile, and the count is the same on every backend:
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.extend.core
 
 # Dense bf16 peak FLOP/s per device (vendor figures), keyed by a substring of device_kind.
 PEAK_BF16_FLOPS = {
@@ -114,10 +129,144 @@ def xla_flops(compiled: jax.stages.Compiled) -> float:
     return float((analysis or {}).get("flops", 0.0))
 
 
-def mfu(model_flops_per_step: float, step_seconds: float, num_devices: int,
-        device: jax.Device | None = None) -> float | None:
-    """Model-FLOPs utilisation in [0, 1], or None when the peak of the device is unknown."""
+def utilisation(flops_per_step: float, step_seconds: float, num_devices: int,
+                device: jax.Device | None = None) -> float | None:
+    """flops_per_step / (step time × the devices' peak) in [0, 1], or None when the peak of
+    the device is unknown: MFU for model FLOPs, HFU for hardware FLOPs."""
     peak = peak_flops(device)
     if peak is None or step_seconds <= 0:
         return None
-    return model_flops_per_step / (step_seconds * peak * num_devices)
+    return flops_per_step / (step_seconds * peak * num_devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+    """The two FLOP counts of one train step of the global batch (see the module)."""
+
+    model: float
+    hardware: float
+
+
+# --- model FLOPs: which operations a trained parameter reaches ---------------------------------
+
+def _is_live(var: Any, live: dict) -> bool:
+    return not isinstance(var, jax.extend.core.Literal) and live.get(var, False)
+
+
+def _carried(body: Any, ins: list[bool], start: int, count: int) -> tuple:
+    """_live_flops of a loop body whose inputs ins[start:start + count] are the carry, with
+    the carry's liveness iterated to its fixed point (a carry becomes live once any
+    iteration makes it so)."""
+    ins = list(ins)
+    while True:
+        const, trained, outs = _live_flops(body, ins)
+        carry = [a or b for a, b in zip(ins[start:start + count], outs[:count], strict=True)]
+        if carry == ins[start:start + count]:
+            return const, trained, outs
+        ins[start:start + count] = carry
+
+
+def _eqn_live_flops(eqn: Any, ins: list[bool]) -> tuple[float, float, list[bool]]:
+    name, params, n_out = eqn.primitive.name, eqn.params, len(eqn.outvars)
+    if name == "stop_gradient":
+        return 0.0, 0.0, [False] * n_out
+    if name == "scan":
+        const, trained, outs = _carried(params["jaxpr"], ins, params["num_consts"],
+                                        params["num_carry"])
+        return params["length"] * const, params["length"] * trained, outs
+    if name == "while":
+        nc, nb = params["cond_nconsts"], params["body_nconsts"]
+        const, trained, outs = _carried(params["body_jaxpr"], ins[nc:], nb, n_out)
+        c_const, c_trained, _ = _live_flops(params["cond_jaxpr"], ins[:nc] + outs)
+        return const + c_const, trained + c_trained, outs
+    if name == "cond":
+        runs = [_live_flops(branch, ins[1:]) for branch in params["branches"]]
+        const, trained, _ = max(runs, key=lambda r: r[0] + r[1])
+        outs = [any(r[2][i] for r in runs) or ins[0] for i in range(n_out)]
+        return const, trained, outs
+    subs = list(_sub_jaxprs(params))
+    if not subs:
+        flops = _eqn_flops(eqn)
+        return (0.0, flops, [True] * n_out) if any(ins) else (flops, 0.0, [False] * n_out)
+    if len(subs) == 1 and len(subs[0].invars) == len(ins):  # pjit, remat, custom_jvp/vjp, …
+        const, trained, outs = _live_flops(subs[0], ins)
+        if name == "shard_map":
+            devices = math.prod(params["mesh"].shape[a] for a in params["newly_manual_axes"])
+            const, trained = devices * const, devices * trained
+        return const, trained, outs if len(outs) == n_out else [any(ins)] * n_out
+    flops = _eqn_flops(eqn)  # anything else: all its work on the side of its inputs
+    return (0.0, flops, [True] * n_out) if any(ins) else (flops, 0.0, [False] * n_out)
+
+
+def _live_flops(jaxpr: Any, live_in: Sequence[bool]) -> tuple[float, float, list[bool]]:
+    """(FLOPs of the operations no live input reaches, FLOPs of those one does, liveness of
+    the outputs) of one run of `jaxpr`, its inputs live as `live_in` says."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    live = dict(zip(jaxpr.invars, live_in, strict=True))
+    const = trained = 0.0
+    for eqn in jaxpr.eqns:
+        c, t, outs = _eqn_live_flops(eqn, [_is_live(v, live) for v in eqn.invars])
+        const, trained = const + c, trained + t
+        live.update(zip(eqn.outvars, outs, strict=True))
+    return const, trained, [_is_live(v, live) for v in jaxpr.outvars]
+
+
+def model_flops(forward_jaxpr: Any, trained: Sequence[bool]) -> float:
+    """Model FLOPs of a train step from the jaxpr of its forward pass (the loss of the global
+    batch, no gradient): 3 × the FLOPs of the operations that depend on a trained input
+    (`trained[i]`: the jaxpr's input i is a trained parameter; stop_gradient cuts the
+    dependence), 1 × those of the others (frozen parts: a forward pass only)."""
+    const, live, _ = _live_flops(forward_jaxpr, trained)
+    return const + 3.0 * live
+
+
+# --- the matmul shapes of a program -----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MatmulShape:
+    """A dot_general as the batched matmul (batch, m, k) · (batch, k, n) it computes."""
+
+    batch: int
+    m: int
+    k: int
+    n: int
+    dtype: str
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.batch * self.m * self.k * self.n
+
+
+def _matmul_shape(eqn: Any) -> MatmulShape:
+    (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+    lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+    batch = math.prod(lhs.shape[i] for i in lb)
+    k = math.prod(lhs.shape[i] for i in lc)
+    m = math.prod(lhs.shape) // (batch * k)
+    n = math.prod(rhs.shape) // (batch * k)
+    return MatmulShape(batch, m, k, n, str(lhs.dtype))
+
+
+def matmul_shapes(jaxpr: Any) -> collections.Counter:
+    """{MatmulShape: how many times one run of `jaxpr` computes it}, with the multiplicities
+    of jaxpr_flops (a scan body × its length, a while body once, the costliest cond branch,
+    a shard_map body × its devices)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    counts: collections.Counter = collections.Counter()
+    for eqn in jaxpr.eqns:
+        name, params = eqn.primitive.name, eqn.params
+        if name == "dot_general":
+            counts[_matmul_shape(eqn)] += 1
+            continue
+        inner = [matmul_shapes(j) for j in _sub_jaxprs(params)]
+        if name == "cond":
+            inner = [max(inner, key=lambda c: sum(s.flops * n for s, n in c.items()))]
+        times = 1
+        if name == "scan":
+            times = params["length"]
+        elif name == "shard_map":
+            times = math.prod(params["mesh"].shape[a] for a in params["newly_manual_axes"])
+        for c in inner:
+            for shape, n in c.items():
+                counts[shape] += n * times
+    return counts

@@ -11,10 +11,12 @@ Nothing is materialised. The planner builds exactly what crate_jax.train.loop bu
 task, the abstract model, the parameter shardings from the logical-axis rules, the optimizer
 and its state shardings, the train step with its in/out shardings and donated state — from
 jax.ShapeDtypeStruct only, and compiles the step ahead of time for the mesh. It prints the
-parameter count, the FLOPs of one step (counted on its jaxpr: per device, in total, per
-example), per-device bytes of parameters, optimizer state, input batch and temporaries
-(activations saved for the backward pass, gradients, gathered weights, workspace), the peak,
-whether it fits --device-memory less --headroom, and the compile time.
+parameter count, the model FLOPs and the hardware FLOPs of one step (crate_jax.perf: model
+FLOPs = 3 × the forward's, hardware FLOPs = what the compiled step runs, remat's recomputation
+included; per device, in total, per example), per-device bytes of parameters, optimizer
+state, input batch and temporaries (activations saved for the backward pass, gradients,
+gathered weights, workspace), the peak, whether it fits --device-memory less --headroom, and
+the compile time.
 
 Targets:
   cpu (default)  as many fake CPU devices as the mesh has (XLA_FLAGS is set here, before jax
@@ -49,9 +51,13 @@ import os
 import re
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from absl import app, flags
 from ml_collections import config_flags
+
+if TYPE_CHECKING:  # jax starts only after XLA_FLAGS is set (see main)
+    from crate_jax.perf import StepFlops
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (Python, get_config(arg)); add ':ARG' to pass an argument. "
@@ -269,7 +275,8 @@ class Result:
     temp_bytes: int
     code_bytes: int
     peak_bytes: int
-    flops_per_device: float
+    model_flops_per_device: float  # 3 × forward (crate_jax.perf.model_flops)
+    hardware_flops_per_device: float  # all the compiled step runs (perf.jaxpr_flops)
     lower_s: float
     compile_s: float
     fits: bool = False
@@ -346,7 +353,7 @@ def _base_fields(config, mesh_shape, state) -> dict:
                 batch_bytes=_shard_bytes(state.example_batch()), undivided=state.undivided)
 
 
-def _measured(fields: dict, compiled, flops: float, devices: int, lower_s: float,
+def _measured(fields: dict, compiled, flops: StepFlops, devices: int, lower_s: float,
               compile_s: float) -> Result:
     memory = compiled.memory_analysis()
     args, out = memory.argument_size_in_bytes, memory.output_size_in_bytes
@@ -356,7 +363,9 @@ def _measured(fields: dict, compiled, flops: float, devices: int, lower_s: float
     # leaves the temporaries out, so it is not used.
     return Result(**fields, argument_bytes=args, output_bytes=out, alias_bytes=alias,
                   temp_bytes=temp, code_bytes=memory.generated_code_size_in_bytes,
-                  peak_bytes=args + temp + out - alias, flops_per_device=flops / devices,
+                  peak_bytes=args + temp + out - alias,
+                  model_flops_per_device=flops.model / devices,
+                  hardware_flops_per_device=flops.hardware / devices,
                   lower_s=lower_s, compile_s=compile_s)
 
 
@@ -365,7 +374,8 @@ def _out_of_memory(fields: dict, oom, lower_s: float, compile_s: float) -> Resul
     known = fields["param_bytes"] + fields["opt_bytes"] + fields["batch_bytes"]
     temp = _size(oom.group(1))
     return Result(**fields, argument_bytes=known, output_bytes=0, alias_bytes=0,
-                  temp_bytes=temp, code_bytes=0, peak_bytes=known + temp, flops_per_device=0.0,
+                  temp_bytes=temp, code_bytes=0, peak_bytes=known + temp,
+                  model_flops_per_device=0.0, hardware_flops_per_device=0.0,
                   lower_s=lower_s, compile_s=compile_s,
                   note=f"the TPU compiler: HLO temporaries need {oom.group(1)}B, "
                        f"{oom.group(2)}B of HBM available")
@@ -399,8 +409,9 @@ def compile_step(config, mesh_shape: dict[str, int], devices=None) -> Result:
                 raise
             return _out_of_memory(fields, oom, t1 - t0, time.perf_counter() - t1)
         t2 = time.perf_counter()
-    return _measured(fields, compiled, perf.jaxpr_flops(traced.jaxpr), len(devices), t1 - t0,
-                     t2 - t1)
+        flops = perf.StepFlops(model=state.model_flops(),
+                               hardware=perf.jaxpr_flops(traced.jaxpr))
+    return _measured(fields, compiled, flops, len(devices), t1 - t0, t2 - t1)
 
 
 # --- the search ------------------------------------------------------------------------------
@@ -557,6 +568,11 @@ def _flops(n: float) -> str:
     return f"{n:.0f} FLOP"
 
 
+def _flop_counts(per_device: float, devices: int, r: Result) -> str:
+    return (f"{_flops(per_device * devices)} in total, {_flops(per_device)} per device, "
+            f"{_flops(per_device * devices / r.batch_size)} per example")
+
+
 def _setting(r: Result) -> str:
     return (f"batch {r.batch_size:,} ({r.per_device_batch:,} per device, micro-batch "
             f"{r.micro_batch:,} × grad_accum_steps {r.grad_accum_steps}), remat {r.remat}")
@@ -575,9 +591,9 @@ def describe(r: Result, memory: int, usable: int) -> str:
     return "\n".join([
         f"mesh {_mesh_text(r.mesh)} ({devices} devices): {_setting(r)}",
         f"  parameters            {r.params:,}",
-        (f"  FLOPs per step        {_flops(r.flops_per_device * devices)} in total, "
-         f"{_flops(r.flops_per_device)} per device, "
-         f"{_flops(r.flops_per_device * devices / r.batch_size)} per example\n"
+        (f"  model FLOPs per step  {_flop_counts(r.model_flops_per_device, devices, r)}\n"
+         "                        (3 × the forward of the global batch; frozen parts once)\n"
+         f"  hardware FLOPs        {_flop_counts(r.hardware_flops_per_device, devices, r)}\n"
          "                        (counted on the traced step: forward, backward, remat "
          "recomputation, optimizer)") if not r.note else
         "  FLOPs per step        unknown: the step did not compile",
@@ -783,5 +799,10 @@ def _plan_meshes(config, meshes, devices: int, memory: int, usable: int,
             json.dump(report, f, indent=2)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `crate-plan` console script."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -8,8 +8,11 @@ whitebox.ipynb         the layer-wise compression / sparsity figure, attention m
 clipa_zero_shot.ipynb  train the CLIPA demo in smoke mode and classify held-out (colour, shape)
                        pairs zero-shot
 
-Every notebook runs top to bottom on a CPU in well under two minutes, with the working directory
-set to notebooks/ (tests/test_notebooks.py executes them). Edit the cells here, not the .ipynb.
+Every notebook runs top to bottom on a CPU in well under two minutes, from any folder: it needs
+only the installed package (the configs it trains come with it, as crate_jax.configs), and its
+first cell installs the package from CRATE_JAX_SOURCE when it is missing. tests/test_notebooks.py
+runs each one in a fresh folder, against a non-editable install. Edit the cells here, not the
+.ipynb.
 """
 
 from __future__ import annotations
@@ -21,13 +24,22 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-INSTALL = '''\
-# Installs the package when it is not importable yet (e.g. a fresh Colab runtime with the
-# repository cloned next to this notebook); a no-op in the development environment.
+INSTALL_SOURCE = "CRATE_JAX_SOURCE = "
+INSTALL = f'''\
+# ▶ Where to install crate_jax from when it is not installed yet (e.g. a fresh Colab runtime):
+#   a git URL such as "git+https://github.com/<owner>/<repo>.git", or the path of a checkout
+#   ("..": the repository this notebook sits in). Nothing is installed when it is importable.
+{INSTALL_SOURCE}".."
+
+import importlib
+
 try:
-    import crate_jax  # noqa: F401
+    import crate_jax
 except ImportError:
-    %pip install -q -e ..
+    %pip install -q {{CRATE_JAX_SOURCE}}
+    importlib.invalidate_caches()
+    import crate_jax
+print("crate_jax from", crate_jax.__path__[0])
 '''
 
 QUIET = '''\
@@ -44,16 +56,13 @@ logging.set_verbosity("warning")  # orbax logs every checkpoint step at INFO
 print("jax", jax.__version__, "on", jax.devices())
 '''
 
-LOAD_CONFIG = '''\
-import importlib.util
-
-
-def load_config(path, arg=None):
-    """get_config(arg) of a config file in configs/."""
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+# A finished demo run: $CRATE_JAX_DEMO_RUN, or runs/demo_classification where the README's
+# command writes it (this folder, or the repository root above notebooks/).
+FIND_DEMO_RUN = '''\
+candidates = [os.environ.get("CRATE_JAX_DEMO_RUN", ""), "runs/demo_classification",
+              "../runs/demo_classification"]
+RUN_DIR = next((d for d in candidates if d and os.path.isdir(os.path.join(d, "checkpoints"))),
+               None)
 '''
 
 
@@ -100,13 +109,14 @@ for key, value in inter.items():
             "`python -m crate_jax.main --config=configs/demo_classification.py "
             "--workdir=runs/demo_classification`, reaches about 85 % top-1 on 8 classes in "
             "about two minutes on a CPU; when that run exists (or `$CRATE_JAX_DEMO_RUN` names "
-            "one) it is used instead."),
-        new_code_cell(LOAD_CONFIG + '''
+            "one) it is used instead. The configs come with the package: "
+            "`crate_jax.configs.demo_classification` is `configs/demo_classification.py`."),
+        new_code_cell('''\
+from crate_jax.configs import demo_classification
 from crate_jax.train.loop import train_and_evaluate
 
-RUN_DIR = os.environ.get("CRATE_JAX_DEMO_RUN", "../runs/demo_classification")
-if not os.path.isdir(os.path.join(RUN_DIR, "checkpoints")):
-    config = load_config("../configs/demo_classification.py", "smoke")
+''' + FIND_DEMO_RUN + '''if RUN_DIR is None:
+    config = demo_classification.get_config("smoke")
     config.total_steps = config.optim.total_steps = 60
     config.optim.warmup_steps = 5
     config.log_every = 20
@@ -173,16 +183,12 @@ OUT = tempfile.mkdtemp(prefix="crate_whitebox_")
             "trains it in about two minutes, to about 85 % top-1); otherwise a short version "
             "(a small CRATE-α at 32 px, 4×4 patches, depth 4) is trained here for a few "
             "seconds, which is enough to see the code path but not the trained behaviour."),
-        new_code_cell(LOAD_CONFIG + '''
+        new_code_cell('''\
+from crate_jax.configs import demo_classification
 from crate_jax.train.loop import train_and_evaluate
 
-# A finished run: $CRATE_JAX_DEMO_RUN, or runs/demo_classification in the repository.
-RUN_DIR = os.environ.get("CRATE_JAX_DEMO_RUN", "../runs/demo_classification")
-if not os.path.isdir(os.path.join(RUN_DIR, "checkpoints")):
-    RUN_DIR = None
-
-if RUN_DIR is None:
-    config = load_config("../configs/demo_classification.py", "smoke")
+''' + FIND_DEMO_RUN + '''if RUN_DIR is None:
+    config = demo_classification.get_config("smoke")
     config.data.image_size = 32
     config.data.num_classes = 8
     config.model.overrides.depth = 4
@@ -276,12 +282,13 @@ def clipa_zero_shot() -> nbformat.NotebookNode:
             "(`python -m crate_jax.main --config=configs/demo.py`) takes a few minutes."),
         new_code_cell(INSTALL),
         new_code_cell(QUIET),
-        new_code_cell(LOAD_CONFIG + '''
+        new_code_cell('''\
 import ml_collections
 
+from crate_jax.configs import demo
 from crate_jax.train.loop import train_and_evaluate
 
-config = load_config("../configs/demo.py", "smoke")
+config = demo.get_config("smoke")
 config.evals = ml_collections.ConfigDict({"zeroshot": config.evals.zeroshot.to_dict()})
 config.total_steps = config.optim.total_steps = 40
 config.log_every = 20

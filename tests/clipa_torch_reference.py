@@ -1,4 +1,4 @@
-"""A PyTorch two-tower model in the CRATE-α-CLIPA release layout (DESIGN.md §3), written for the
+"""A PyTorch two-tower model in the CRATE-α-CLIPA release layout (docs/design.md §3), written for
 tests from that description: its state_dict keys and shapes are the release's, and its forward
 pass is what the layout means (torch's own MultiheadAttention for both towers, MSSA as the
 special case query = key = value = U, ODL with D = mlp.c_fc and D1 = mlp.c_proj, LayerNorm

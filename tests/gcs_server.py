@@ -19,7 +19,11 @@ Clients and the settings they read (see `GcsServer.env`):
 One gap of the emulator is filled (`_serve`): its media downloads lack the x-goog-generation
 header that GCS sends with every object read. tensorstore needs it (without it each read of a
 checkpoint in a fresh process fails with "Malformed StorageGeneration"), so the server adds it,
-with x-goog-metageneration, from the object's own metadata. Nothing else is changed.
+with x-goog-metageneration, from the object's own metadata. A second gap: it ignores
+ifGenerationMatch, the precondition GCS checks on uploads and deletes (create-only-if-absent
+with 0, compare-and-swap otherwise; the workdir lock of crate_jax/train/lock.py relies on it),
+so the server checks it before its upload and delete handlers run (`_with_preconditions`).
+Nothing else is changed.
 """
 
 from __future__ import annotations
@@ -163,9 +167,33 @@ def _with_generation_headers(handler):
     return wrapped
 
 
+def _with_preconditions(handler):
+    """`handler` (an emulator upload or object DELETE), refused with 412 Precondition Failed
+    when the request's ifGenerationMatch is not the object's generation (0: absent)."""
+    from http import HTTPStatus
+
+    def wrapped(request, response, storage, *args, **kwargs):
+        wanted = request.query.get("ifGenerationMatch")
+        if wanted:
+            name = request.params.get("object_id") or (request.query.get("name") or [None])[0]
+            if name is None and isinstance(request.data, dict):
+                name = (request.data.get("meta") or {}).get("name")
+            try:
+                current = int(storage.get_file_obj(request.params["bucket_name"],
+                                                   name)["generation"])
+            except Exception:  # no such object
+                current = 0
+            if current != int(wanted[0]):
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+                return None
+        return handler(request, response, storage, *args, **kwargs)
+    return wrapped
+
+
 def _serve(port: int, bucket: str) -> None:
     """Run the emulator in memory on 127.0.0.1:`port` with `bucket` (see the module docstring
-    for the one header it gains)."""
+    for the header and the precondition check it gains)."""
     import logging
 
     from gcp_storage_emulator import server
@@ -176,6 +204,10 @@ def _serve(port: int, bucket: str) -> None:
     for _, methods in server.HANDLERS:
         if methods.get("GET") in (objects.get, objects.download):
             methods["GET"] = _with_generation_headers(methods["GET"])
+        if methods.get("POST") is objects.insert:
+            methods["POST"] = _with_preconditions(methods["POST"])
+        if methods.get("DELETE") is objects.delete:
+            methods["DELETE"] = _with_preconditions(methods["DELETE"])
     server.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket).run()
 
 

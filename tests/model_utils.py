@@ -1,5 +1,5 @@
 """Test helpers: read a model's parameters as flat NumPy dicts, randomise them, and lay them
-out as the reference checkpoints do (DESIGN.md §3), so that the NumPy reference forwards in
+out as the reference checkpoints do (docs/design.md §3), so that the NumPy reference forwards in
 numpy_reference.py can run on exactly the same weights."""
 
 from __future__ import annotations

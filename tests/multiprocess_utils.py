@@ -140,3 +140,24 @@ def assert_runs_match(pair: Pair, eval_prefixes: tuple[str, ...], steps: int = 4
         np.testing.assert_allclose(m[steps][key], s[steps][key], rtol=1e-5, atol=1e-7,
                                    err_msg=f"{pair.dir.name}: {key}")
     return m[steps]
+
+
+def child_pids(parent: int) -> set[int]:
+    """The processes whose parent is `parent` (started by any of its threads), zombies
+    included. Read from every /proc/PID/stat rather than /proc/PARENT/task/*/children: a
+    thread can end between the listing of its task folder and the reading of its children
+    file (FileNotFoundError), and its children then move to another thread. A process that
+    ends while /proc is read is left out."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        # the command name (field 2) is in parentheses and may hold spaces: split after it
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            pids.add(int(entry))
+    return pids

@@ -1,6 +1,6 @@
 """Independent NumPy reference for CRATE, CRATE-alpha and a plain ViT.
 
-Written from the equations of DESIGN.md sections 1-3 only, as a slow but
+Written from the equations of docs/design.md sections 1-3 only, as a slow but
 transparent oracle for the JAX code. Everything is computed in float64.
 Tokens are row vectors: a sequence batch Z has shape (B, N, d); images are
 NHWC arrays (B, H, W, C).
@@ -176,24 +176,51 @@ def crate_decoder_layer(
     attn_ln_scale: ArrayLike, attn_ln_bias: ArrayLike, U: ArrayLike, U_out: ArrayLike,
     b_out: ArrayLike, *, heads: int, eps: float,
 ) -> Array:
-    """CRATE decoder layer (DESIGN.md §1, CRATE autoencoder blocks):
+    """CRATE decoder layer (docs/design.md §1, CRATE autoencoder blocks):
     G = LN(z) W^T, then z' = G - MSSA(LN(G))."""
     g = layer_norm(z, ln_scale, ln_bias, eps) @ _f64(W).T
     o, _ = mssa(layer_norm(g, attn_ln_scale, attn_ln_bias, eps), U, U_out, b_out, heads=heads)
     return g - o
 
 
-def masked_patch_mse(pred: ArrayLike, images: ArrayLike, mask: ArrayLike, patch: int,
-                     norm_pix: bool) -> Array:
-    """MAE loss per example: mean over masked patches of the per-patch pixel MSE, targets
-    optionally standardised per patch (mean 0, var 1, + 1e-6 under the root)."""
+def mae_targets(images: ArrayLike, patch: int, norm_pix: bool) -> Array:
+    """MAE pixel targets (B, N, P*P*C); with norm_pix each patch standardised with its
+    unbiased variance (ddof 1, torch's Tensor.var) + 1e-6 under the root."""
     target = patchify(images, patch)
     if norm_pix:
         target = (target - target.mean(-1, keepdims=True)) / np.sqrt(
-            target.var(-1, keepdims=True) + 1e-6)
-    per_patch = ((_f64(pred) - target) ** 2).mean(-1)
+            target.var(-1, ddof=1, keepdims=True) + 1e-6)
+    return target
+
+
+def masked_patch_mse(pred: ArrayLike, images: ArrayLike, mask: ArrayLike, patch: int,
+                     norm_pix: bool) -> Array:
+    """MAE loss per example: mean over masked patches of the per-patch pixel MSE, targets
+    as ``mae_targets``."""
+    per_patch = ((_f64(pred) - mae_targets(images, patch, norm_pix)) ** 2).mean(-1)
     m = np.asarray(mask, np.float64)
     return (per_patch * m).sum(-1) / m.sum(-1)
+
+
+def mae_loss(pred: ArrayLike, images: ArrayLike, mask: ArrayLike, patch: int,
+             norm_pix: bool) -> float:
+    """The CRATE-MAE (and MAE) loss, a scalar: the per-patch pixel MSE summed over the
+    hidden patches (mask True) of the whole batch, divided by their number."""
+    per_patch = ((_f64(pred) - mae_targets(images, patch, norm_pix)) ** 2).mean(-1)
+    m = np.asarray(mask, np.float64)
+    return float((per_patch * m).sum() / m.sum())
+
+
+def mae_mask(noise: ArrayLike, ratio: float) -> NDArray[np.bool_]:
+    """MAE's masking from per-patch noise (B, N): each row's patches in ascending order of
+    noise, the first len_keep = int(N * (1 - ratio)) kept, the rest hidden (True)."""
+    noise = np.asarray(noise)
+    n = noise.shape[1]
+    keep = int(n * (1 - ratio))
+    order = np.argsort(noise, axis=1, kind="stable")
+    mask = np.ones(noise.shape, bool)
+    np.put_along_axis(mask, order[:, :keep], False, axis=1)
+    return mask
 
 
 def odl(
@@ -264,6 +291,26 @@ def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> Array:
     xo = x.reshape(-1)[:, None] * omega[None, :]
     yo = y.reshape(-1)[:, None] * omega[None, :]
     return np.concatenate([np.sin(xo), np.cos(xo), np.sin(yo), np.cos(yo)], axis=1)
+
+
+def mae_sincos_2d(h: int, w: int, dim: int) -> Array:
+    """MAE's 2-D sin-cos table (h*w, dim), the CRATE-MAE position table.
+
+    The grid is np.meshgrid(columns, rows) (columns first); the first dim/2 channels encode
+    grid[0] (the column index), the last dim/2 grid[1] (the row index); each half is
+    [sin(pos * omega), cos(pos * omega)] with omega_i = 10000 ** -(i / (dim/4)), i < dim/4.
+    """
+    if dim % 4:
+        raise ValueError(f"dim {dim} must be a multiple of 4")
+    q = dim // 4
+    omega = 10000.0 ** -(np.arange(q, dtype=np.float64) / q)
+    grid = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+
+    def half(pos: Array) -> Array:
+        angle = pos.reshape(-1)[:, None] * omega[None, :]
+        return np.concatenate([np.sin(angle), np.cos(angle)], axis=1)
+
+    return np.concatenate([half(grid[0]), half(grid[1])], axis=1)
 
 
 # ---------------------------------------------------------------------------
@@ -551,3 +598,105 @@ def vit_forward(
         )
     pooled = _pool_alpha(_ln_j(z, p, "encoder_norm", eps), pool)
     return pooled @ p["head/kernel"] + p["head/bias"] if "head/kernel" in p else pooled
+
+
+# ---------------------------------------------------------------------------
+# ToST: token statistics self-attention (docs/design.md section 1, "TSSA and ToST")
+# ---------------------------------------------------------------------------
+
+
+def tssa(
+    x: ArrayLike, U: ArrayLike, b: ArrayLike, temp: ArrayLike, U_out: ArrayLike,
+    b_out: ArrayLike, *, heads: int,
+) -> tuple[Array, Array]:
+    """TSSA on normalised x (B, N, d), one head and one sample at a time.
+
+    W = x U + b; per head, column-normalised squares give the membership logits, Pi is the
+    softmax over heads; q_k = sum_n Pi w^2 / (sum_n Pi + 1e-8); out = -Pi w / (1 + q_k).
+    Returns (out (B, N, d), Pi (B, K, N)).
+    """
+    w = _split_heads(_f64(x) @ _f64(U) + _f64(b), heads)  # (B, K, N, p)
+    bsz, k, n, _ = w.shape
+    logits = np.zeros((bsz, k, n))
+    for h in range(k):
+        col_norm = np.sqrt((w[:, h] ** 2).sum(axis=1, keepdims=True))  # (B, 1, p)
+        unit = w[:, h] / np.maximum(col_norm, 1e-12)
+        logits[:, h] = (unit ** 2).sum(-1) * _f64(temp)[h]
+    pi = softmax(logits, axis=1)
+    out = np.zeros_like(w)
+    for h in range(k):
+        q = np.einsum("bn,bnp->bp", pi[:, h], w[:, h] ** 2)
+        q = q / (pi[:, h].sum(-1)[:, None] + 1e-8)
+        out[:, h] = -pi[:, h, :, None] * w[:, h] / (1.0 + q[:, None, :])
+    return _merge_heads(out) @ _f64(U_out) + _f64(b_out), pi
+
+
+def causal_tssa(
+    x: ArrayLike, U: ArrayLike, b: ArrayLike, temp: ArrayLike, denom_bias: ArrayLike,
+    U_out: ArrayLike, b_out: ArrayLike, *, heads: int,
+) -> tuple[Array, Array]:
+    """Causal TSSA, token by token: every statistic of token n sums over tokens m <= n.
+
+    denom_bias (K, T): added to each of the p normalised squares of token n before the sum.
+    Returns (out (B, N, d), Pi (B, K, N)).
+    """
+    w = _split_heads(_f64(x) @ _f64(U) + _f64(b), heads)  # (B, K, N, p)
+    bsz, k, n, _ = w.shape
+    beta = _f64(denom_bias)
+    logits = np.zeros((bsz, k, n))
+    for t in range(n):
+        seen = (w[:, :, : t + 1] ** 2).sum(axis=2)  # (B, K, p)
+        terms = w[:, :, t] ** 2 / np.maximum(seen, 1e-12) + beta[:, t][None, :, None]
+        logits[:, :, t] = terms.sum(-1) * _f64(temp)[None, :]
+    pi = softmax(logits, axis=1)
+    out = np.zeros_like(w)
+    for t in range(n):
+        mass = pi[:, :, : t + 1].sum(-1)  # (B, K)
+        q = np.einsum("bkm,bkmp->bkp", pi[:, :, : t + 1], w[:, :, : t + 1] ** 2)
+        q = q / (mass[..., None] + 1e-8)
+        out[:, :, t] = -pi[:, :, t, None] * w[:, :, t] / (1.0 + q)
+    return _merge_heads(out) @ _f64(U_out) + _f64(b_out), pi
+
+
+# ---------------------------------------------------------------------------
+# SimDINO's objective (docs/design.md section 1, "SimDINO as the official code runs it")
+# ---------------------------------------------------------------------------
+
+
+def simdino_mcr_loss(
+    student: ArrayLike, teacher: ArrayLike, *, eps: float, coeff: float = 1.0,
+    expa_type: int = 1, reduce_cov: int = 0, devices: int = 1,
+) -> tuple[float, float, float]:
+    """(loss, C, E) as `devices` data-parallel workers compute them, averaged over the workers
+    (the objective their averaged gradients descend). Crop-major features as the official loss
+    views them: student (V, B, p) with the G global views first, teacher (G, B, p), unit rows;
+    worker w holds rows w*m ... (w+1)*m - 1 of every view, m = B / devices.
+
+    Per worker: C = sum of the mean cosines of every (teacher view i, student view v != i)
+    pair / (G*V - G); E = gamma/G * sum_j sum(log diag chol(I + p/(m*N*eps) * Cov_j)) with
+    Cov_j = W_jᵀW_j of its own rows, or summed over all workers (reduce_cov=1), W_j the
+    student's global view j, or (student + teacher)/2 of it (expa_type=1);
+    gamma = (p + N*m)/(p*N*m); loss = -coeff*C - E."""
+    s, t = _f64(student), _f64(teacher)
+    views, batch, p = s.shape
+    g = t.shape[0]
+    m = batch // devices
+    own = s[:g] if expa_type == 0 else (s[:g] + t) / 2
+    covs = np.stack([[own[j, w * m:(w + 1) * m].T @ own[j, w * m:(w + 1) * m]
+                      for j in range(g)] for w in range(devices)])  # (N, G, p, p)
+    if reduce_cov:
+        covs = np.broadcast_to(covs.sum(0), covs.shape)
+    scalar = p / (m * devices * eps)
+    gamma = (p + devices * m) / (p * devices * m)
+    results = []
+    for w in range(devices):
+        rows = slice(w * m, (w + 1) * m)
+        pairs = [np.mean(np.sum(t[i, rows] * s[v, rows], -1) / (
+            np.linalg.norm(t[i, rows], axis=-1) * np.linalg.norm(s[v, rows], axis=-1)))
+            for i in range(g) for v in range(views) if v != i]
+        comp = sum(pairs) / (g * views - g)
+        expa = sum(np.log(np.diag(np.linalg.cholesky(np.eye(p) + scalar * covs[w, j]))).sum()
+                   for j in range(g)) / g * gamma
+        results.append((-coeff * comp - expa, comp, expa))
+    loss, comp, expa = np.mean(results, axis=0)
+    return float(loss), float(comp), float(expa)

@@ -1,4 +1,4 @@
-"""Each block against the independent NumPy implementation of DESIGN.md §1 (numpy_reference)."""
+"""Each block against the NumPy implementation of docs/design.md §1 (numpy_reference)."""
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,55 @@ def test_mssa(out_bias, return_attention, mask):
     else:
         assert attn is None
 
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "keys"])
+def test_mssa_backward_uses_query_equals_key_equals_value(mask):
+    """MSSA's attention has a hand-written backward pass (models/symmetric.py: dW =
+    Aᵀ·dO + s·(dS + dSᵀ)·W, one matmul fewer than autodiff of generic attention). Its
+    gradients, for the input tokens and every parameter, equal autodiff's through the explicit
+    softmax (the return_attention path) and through jax.nn.dot_product_attention."""
+    from crate_jax.models import symmetric
+
+    mssa = _build(blocks.MSSA, D, K, out_bias=True, eps=1e-6, attention_impl=None)
+    z = jnp.asarray(_tokens(2))
+    cot = jnp.asarray(_tokens(3))
+    key_mask = np.ones((B, N), bool)
+    key_mask[1, -2:] = False
+    kwargs = dict(is_causal=mask == "causal",
+                  key_mask=jnp.asarray(key_mask) if mask == "keys" else None)
+
+    def grads(explicit):
+        def loss(module, z):
+            out, _ = module(z, return_attention=explicit, **kwargs)
+            return jnp.sum(out * cot)
+        g_params, g_z = nnx.grad(loss, argnums=(0, 1))(mssa, z)
+        return [g_z, *jax.tree.leaves(g_params)]
+
+    for a, b in zip(grads(False), grads(True), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # the attention alone, against autodiff of jax's own attention on (B, N, K, p) heads
+    w = jnp.asarray(_tokens(4, (B, N, K, D // K)))
+    d_out = jnp.asarray(_tokens(5, (B, N, K, D // K)))
+    mask4 = None if kwargs["key_mask"] is None else kwargs["key_mask"][:, None, None, :]
+    _, ours = jax.vjp(lambda w: symmetric.self_attention(w, **kwargs), w)
+    _, theirs = jax.vjp(lambda w: jax.nn.dot_product_attention(
+        w, w, w, mask=mask4, is_causal=kwargs["is_causal"]), w)
+    np.testing.assert_allclose(ours(d_out)[0], theirs(d_out)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_gram_backward_is_autodiffs():
+    """symmetric.gram (ISTA's WᵀW, backward dW = W(Ḡ + Ḡᵀ) in one matmul) against autodiff
+    of w.T @ w, for a cotangent that is not symmetric."""
+    from crate_jax.models import symmetric
+
+    rng = np.random.default_rng(6)
+    w = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(3, 3)), jnp.float32)
+    ours, vjp = jax.vjp(symmetric.gram, w)
+    theirs, auto = jax.vjp(lambda w: w.T @ w, w)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    np.testing.assert_allclose(vjp(g)[0], auto(g)[0], rtol=1e-5, atol=1e-6)
 
 def test_ista_matches_reference():
     ista = _build(blocks.ISTA, D, eta=0.1, lam=0.1, eps=1e-5)

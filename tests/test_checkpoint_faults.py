@@ -39,7 +39,7 @@ def _state(step: int) -> dict:
     return {"step": jnp.int32(step),
             "params": {"w": jax.device_put(w, NamedSharding(mesh, PartitionSpec("x"))),
                        "b": jnp.arange(5.0) + step},
-            "opt_state": {"count": jnp.full((3,), step, jnp.int32)}}
+            "opt_state": {"count": jnp.full((3,), step, jnp.int32), "mu": jnp.ones(4) * step}}
 
 
 def _abstract() -> dict:
@@ -148,6 +148,29 @@ def test_all_damaged_is_a_clear_error_and_moves_nothing(ckpt):
     assert f"{ckpt / '1'}: 1 array(s) differ" in message
     assert iterator.pos == 999
     assert (ckpt / "1").exists() and (ckpt / "2").exists() and not (ckpt / "damaged").exists()
+
+
+@pytest.mark.parametrize("leaf", ["params/w", "opt_state/mu"])
+def test_a_checkpoint_holding_a_non_finite_value_is_damaged(ckpt, leaf, caplog):
+    """Issue 37 D: a newest checkpoint whose params or optimizer state hold a NaN or an
+    infinity, saved with a valid checksum (so only its values are wrong), is moved aside and
+    the one before it restored, like any unreadable one."""
+    checkpointer = Checkpointer(ckpt, keep=5, async_save=False)
+    bad = _state(3)
+    group, name = leaf.split("/")
+    values = np.array(bad[group][name])
+    values.flat[1] = np.nan if group == "params" else np.inf
+    bad[group][name] = jax.device_put(values, bad[group][name].sharding)
+    checkpointer.save(3, bad, ToyIterator(30))
+    iterator = ToyIterator(999)
+    with caplog.at_level(logging.WARNING):
+        step, state = checkpointer.restore_latest(_abstract(), iterator)
+    assert step == 2 and iterator.pos == 20
+    _assert_state(state, 2)
+    assert f"{ckpt / '3'} cannot be restored ({leaf} holds a non-finite value)" in caplog.text
+    (moved,) = (ckpt / "damaged").iterdir()
+    assert moved.name.startswith("3-") and checkpointer.manager.all_steps() == [1, 2]
+    checkpointer.close()
 
 
 def test_no_checkpoint_starts_fresh(tmp_path):

@@ -1,4 +1,4 @@
-"""The released CRATE-α-CLIPA two-tower checkpoints (DESIGN.md §3), as a user takes them:
+"""The released CRATE-α-CLIPA two-tower checkpoints (docs/design.md §3), as a user takes them:
 a state dict in the release layout, made by a PyTorch module of our own
 (tests/clipa_torch_reference.py) with random weights at a small width, is imported with
 `python -m crate_jax.convert import --from crate-alpha-clipa-torch`, loaded with
@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 torch = pytest.importorskip("torch", reason="the PyTorch module needs requirements-torch.txt")
 
@@ -85,6 +86,43 @@ def test_embeddings_equal_the_pytorch_module(release):
     assert probs.shape == (3, 3)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(float(model.logit_scale[...]), 2.6592, rtol=1e-6)
+
+
+def test_zero_shot_follows_eval_in1k_with_the_pytorch_module(release):
+    """crate_jax.load(run).zero_shot with no protocol arguments equals eval_in1k.py's
+    pipeline run on the PyTorch module: Resize(28) bilinear + CenterCrop(28) (crop sizes
+    worked out by hand below), ImageNet mean/std, the 80 templates tokenized by an
+    independent tokenizer, prompt embeddings normalised (+1e-8), averaged, normalised, and
+    softmax(100 · cos)."""
+    import bert_reference
+
+    from crate_jax.evals.zeroshot import imagenet_templates
+
+    module, _, run = release
+    loaded = crate_jax.load(str(run), tokenizer=VOCAB)
+    names = ["red circle", "blue star", "green cross"]
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+              for _ in range(3)]
+    got = loaded.zero_shot(images, names)
+
+    # 40×30: short side 30 → 28, long int(28·40/30) = 37; crop offset round(4.5) = 4
+    pixels = np.stack([np.asarray(im.resize((37, 28), Image.BILINEAR).crop((4, 0, 32, 28)))
+                       for im in images]).astype(np.float32) / 255
+    x = (pixels - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    vocab = bert_reference.read_vocab(VOCAB)
+    templates = imagenet_templates()
+    with torch.no_grad():
+        u = module.encode_image(torch.from_numpy(x.transpose(0, 3, 1, 2)).float())
+        u = u / (u.norm(dim=-1, keepdim=True) + 1e-8)
+        weights = []
+        for name in names:
+            rows = bert_reference.clipa_rows([t.format(name) for t in templates], vocab, 32)
+            v = module.encode_text(torch.tensor(rows))
+            v = v / (v.norm(dim=-1, keepdim=True) + 1e-8)
+            weights.append(v.mean(0) / v.mean(0).norm())
+        want = torch.softmax(100.0 * u @ torch.stack(weights, dim=1), dim=-1).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-4)
 
 
 def test_export_round_trip_matches_every_key(release, tmp_path):

@@ -6,6 +6,7 @@ import os
 import re
 
 import pytest
+from doc_utils import documentation
 from flax import nnx
 
 from crate_jax import models, tasks
@@ -98,8 +99,8 @@ def test_clipa_needs_shards_and_tokenizer(tmp_path):
 
 
 def _documented_overrides() -> dict[str, list[str]]:
-    """`--config.KEY=VALUE` overrides the README and the launch scripts print: {KEY: VALUEs}."""
-    text = open(os.path.join(ROOT, "README.md")).read()
+    """`--config.KEY=VALUE` overrides README, docs/ and launch scripts print: {KEY: VALUEs}."""
+    text = documentation()
     for path in glob.glob(os.path.join(ROOT, "launch", "**", "*"), recursive=True):
         if os.path.isfile(path):
             text += open(path).read()

@@ -43,7 +43,7 @@ def _ln(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def crate_torch_sd(seed: int = 0, *, width: int = D, depth: int = DEPTH, patch: int = PATCH,
                    image: int = IMAGE, classes: int = CLASSES) -> dict[str, np.ndarray]:
-    """A CRATE PyTorch state_dict (DESIGN.md §3)."""
+    """A CRATE PyTorch state_dict (docs/design.md §3)."""
     rng = np.random.default_rng(seed)
     pd, rows = patch * patch * 3, (image // patch) ** 2 + 1
     sd = {"cls_token": _normal(rng, 1, 1, width), "pos_embedding": _normal(rng, 1, rows, width)}
@@ -66,7 +66,7 @@ def crate_torch_sd(seed: int = 0, *, width: int = D, depth: int = DEPTH, patch: 
 
 
 def crate_alpha_torch_sd(seed: int = 1) -> dict[str, np.ndarray]:
-    """A CRATE-α PyTorch-port state_dict (DESIGN.md §3)."""
+    """A CRATE-α PyTorch-port state_dict (docs/design.md §3)."""
     rng = np.random.default_rng(seed)
     sd = {"conv1.weight": _normal(rng, D, 3, PATCH, PATCH, std=0.05),
           "conv1.bias": _normal(rng, D),
@@ -86,7 +86,7 @@ def crate_alpha_torch_sd(seed: int = 1) -> dict[str, np.ndarray]:
 
 
 def crate_alpha_npz(seed: int = 2) -> dict[str, np.ndarray]:
-    """A CRATE-α big_vision parameter set, '/'-joined keys (DESIGN.md §3)."""
+    """A CRATE-α big_vision parameter set, '/'-joined keys (docs/design.md §3)."""
     rng = np.random.default_rng(seed)
     p = {"embedding/kernel": _normal(rng, PATCH, PATCH, 3, D, std=0.05),
          "embedding/bias": _normal(rng, D), "cls": _normal(rng, 1, 1, D),
@@ -468,7 +468,7 @@ def test_cli_errors_are_reported(tmp_path, capsys):
     assert "ignored extra/thing: not a weight" in capsys.readouterr().out
 
 
-# --- a PyTorch port of DESIGN.md §1 (only where torch, an optional dependency, is installed) ---
+# --- a PyTorch port of docs/design.md §1 (where torch, optional, is installed) ---
 
 def _torch_ports(torch):
     nn = torch.nn

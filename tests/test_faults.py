@@ -60,6 +60,8 @@ def test_nan_after_a_good_checkpoint_names_that_checkpoint(tmp_path):
         for leaf in jax.tree.leaves(tree):
             assert np.isfinite(np.asarray(leaf)).all()
     assert f"The last good checkpoint is step {max(arrays)}" in str(failure.value)
+    # the advice names the flag that lets a lower lr resume from it (issue 37)
+    assert "--config.resume_overrides=optim.lr,optim.eps" in str(failure.value)
 
 
 @pytest.mark.parametrize("updates,message", [
@@ -144,7 +146,7 @@ def test_model_fields_are_settable_and_validated():
     ("vit-ti/8", "overcomplete_ratio", 2), ("text-ti", "eta", 0.5),
 ])
 def test_fields_a_block_family_ignores_are_refused(name, field, value):
-    with pytest.raises(ValueError, match=rf"^{field}: the '\w+' block"):
+    with pytest.raises(ValueError, match=rf"^{field}: (the '\w+' block|CRATE's linear patch)"):
         models.config_for(name, **{field: value})
 
 

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import pytest
 from etils import epath
-from multiprocess_utils import FAST_COMPILE
+from multiprocess_utils import FAST_COMPILE, child_pids
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,6 +177,15 @@ def test_metric_writer_on_gs_appends_across_restarts(gcs):
     assert scalars == [(2, "train/loss", 1.5), (4, "train/loss", 1.25), (6, "train/loss", 1.0)]
 
 
+def test_the_workdir_lock_on_gs(gcs):
+    """Issue 37 F on GCS: created only if absent and replaced only under a precondition on
+    its generation (the emulator checks them: tests/gcs_server.py)."""
+    from test_cluster_faults import exercise_lock
+
+    exercise_lock(_gs(gcs, "locked_run"))
+    assert not any(name.startswith("locked_run/") for name in gcs.objects())
+
+
 def test_tensorboard_without_google_cloud_storage_names_it(gcs, monkeypatch, caplog):
     from tensorboardX import record_writer
 
@@ -275,19 +284,23 @@ def _rows_by_step(text: str) -> dict[int, dict]:
 
 def _data_workers(pid: int) -> list[int]:
     """The data worker processes (crate_jax.data.wds.processes) started by process `pid`."""
-    children = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            children += [int(p) for p in f.read().split()]
-    return [c for c in children if _alive(c)
-            and b"crate_jax.data.wds.processes" in open(f"/proc/{c}/cmdline", "rb").read()]
+    return sorted(c for c in child_pids(pid)
+                  if _alive(c) and b"crate_jax.data.wds.processes" in _cmdline(c))
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError):  # it ended after it was listed
+        return b""
 
 
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ended meanwhile
         return False
 
 

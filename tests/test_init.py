@@ -1,4 +1,4 @@
-"""Initialisation as the reference implementations do it (DESIGN.md §1, "Initialisation"): each
+"""Initialisation as the reference implementations do it (docs/design.md §1, "Initialisation"): each
 parameter group of a freshly built CRATE and CRATE-α is drawn from the distribution that table
 states, checked by its bounds and moments at the real widths."""
 

@@ -52,7 +52,7 @@ def test_bert_parameter_counts(size):
 @pytest.mark.parametrize("name", ["crate-gpt-small", "crate-alpha-gpt-medium",
                                   "crate-bert-base", "crate-alpha-bert-large"])
 def test_crate_lm_parameter_counts_follow_the_equations(name):
-    """Per layer (DESIGN.md §1): MSSA = LN + U + U_out (+ b_out for CRATE); ISTA = LN + W;
+    """Per layer (docs/design.md §1): MSSA = LN + U + U_out (+ b_out for CRATE); ISTA = LN + W;
     ODL = LN + D + D1 (C = 4). Plus embeddings, the final LN and (masked) the MLM head."""
     cfg = config_for_lm(name)
     d, v, c = cfg.width, cfg.vocab_size, cfg.overcomplete_ratio

@@ -132,6 +132,7 @@ def test_a_workdir_from_before_the_dcn_axis_resumes_and_a_real_change_is_refused
 
     config = ml_collections.ConfigDict({"mesh": {"dcn": 1, "fsdp": -1}, "batch_size": 8})
     (tmp_path / "config.json").write_text(json.dumps({"mesh": {"fsdp": -1}, "batch_size": 8}))
+    (tmp_path / "checkpoints" / "1").mkdir(parents=True)  # a run to resume
     check_workdir_config(config, epath.Path(tmp_path))
     config.mesh.dcn = 2
     with pytest.raises(ValueError, match=r"mesh\.dcn"):

@@ -1,5 +1,5 @@
 """Whole models: forwards against the NumPy reference in the checkpoint layouts, parameter
-counts of DESIGN.md §2, jit/grad, bf16, intermediates, text tower, and configuration errors."""
+counts of docs/design.md §2, jit/grad, bf16, intermediates, text tower, and configuration errors."""
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +106,7 @@ def test_pool_setting_is_honoured():
     assert not np.allclose(cls_model(images), gap_model(images))
 
 
-# --- parameter counts (DESIGN.md §2), never materialised ----------------------------------
+# --- parameter counts (docs/design.md §2), never materialised ----------------------------------
 
 PARAM_COUNTS = {
     "crate-t/16": 6_090_856, "crate-s/16": 13_116_328, "crate-b/16": 22_796_008,
@@ -416,7 +416,7 @@ def test_image_shape_mismatch_is_reported():
         model(jnp.zeros((1, 32, 32, 3)))
 
 
-# --- FLOPs against DESIGN.md §2 (counted on the traced forward's jaxpr, abstract) ---------
+# --- FLOPs against docs/design.md §2 (counted on the traced forward's jaxpr, abstract) ---------
 
 def _forward_gflops_per_image(name: str, batch: int) -> float:
     from crate_jax import perf
@@ -460,7 +460,7 @@ def test_forward_flops_match_design(name, gflops, rel):
 
 
 def test_crate_fused_ista_flops():
-    """DESIGN.md's 15.7 GFLOPs for CRATE-B/16 is the three-matmul ISTA. The fused form saves
+    """docs/design.md's 15.7 GFLOPs for CRATE-B/16 is the three-matmul ISTA. The fused form saves
     4d² FLOPs per token per layer and pays 2d³ per layer per step for M, amortised here over
     a batch of 64 images."""
     d, layers, tokens, batch = 768, 12, 197, 64

@@ -6,10 +6,13 @@ multiprocess.sh) against 1 process × 8 devices fed the same global batches, for
     this process), the projection frozen, the text tower trained on from the donor's values;
   * classification with Mixup and CutMix (--config.mixup / --config.cutmix);
   * a finetune through init_from (from the mixup run, to another patch size: position table
-    and stem resized, head re-initialised).
+    and stem resized, head re-initialised);
+  * the causal LM (configs/demo_lm.py: CRATE-α next to a GPT-2 baseline) and the masked LM
+    (configs/crate_bert.py: CRATE-BERT), every logged metric; the neuron analysis
+    (python -m crate_jax.analyze) of the masked LM's 2-process run.
 
 Losses, gradient norms and every evaluation metric must agree (rtol 1e-5: only the reduction
-order of the collectives differs). The three pairs run in two stages (the finetune loads the
+order of the collectives differs). The five pairs run in two stages (the finetune loads the
 mixup run's 2-process checkpoint), all with the suite's quick-compile XLA flags.
 
 In-process checks on 8 fake devices: the compiled train step with Mixup/CutMix holds no
@@ -28,10 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from multiprocess_utils import QUIET, ROOT, Pair, assert_runs_match
+from multiprocess_utils import QUIET, ROOT, Pair, assert_runs_match, metrics
 
 CONTRASTIVE = os.path.join(ROOT, "configs", "demo.py")
 CLASSIFICATION = os.path.join(ROOT, "configs", "demo_classification.py")
+LM = os.path.join(ROOT, "configs", "demo_lm.py")
+MLM = os.path.join(ROOT, "configs", "crate_bert.py")
 MIX = ("--config.mixup=0.8", "--config.cutmix=1.0")
 # A config file wrapping another one with extra settings (init_from and init_towers are None
 # or absent in the configs, so no --config.X flag can set them).
@@ -73,7 +78,8 @@ def _donor(base) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The three 2-process / 1-process pairs: contrastive and mixup at once, then finetune."""
+    """The five 2-process / 1-process pairs: contrastive and mixup at once, then finetune and
+    the two language models."""
     base = tmp_path_factory.mktemp("multiprocess_tasks")
     clip = Pair(base, "contrastive", [_wrapped(
         base, "contrastive", CONTRASTIVE, freeze=["text_proj"],
@@ -83,8 +89,42 @@ def runs(tmp_path_factory):
     finetune = Pair(base, "finetune", [
         _wrapped(base, "finetune", CLASSIFICATION, init_from=str(mix.multi)),
         "--config.model.name=crate-alpha-ti/4", *QUIET])
-    finetune.wait()
-    return {"contrastive": clip, "mixup": mix, "finetune": finetune, "donor": base / "donor"}
+    lm = Pair(base, "lm", [f"--config={LM}:smoke", *QUIET])
+    mlm = Pair(base, "mlm", [f"--config={MLM}:smoke", *QUIET])
+    finetune.wait(), lm.wait(), mlm.wait()
+    return {"contrastive": clip, "mixup": mix, "finetune": finetune, "lm": lm, "mlm": mlm,
+            "donor": base / "donor"}
+
+
+def _assert_every_metric_matches(pair: Pair) -> None:
+    """Every row of metrics.jsonl (train, eval, data counters; not the timings) agrees."""
+    many, one = metrics(pair.multi), metrics(pair.single)
+    assert sorted(many) == sorted(one)
+    for step, row in one.items():
+        keys = {k for k in row if not k.startswith("perf/")}
+        assert keys == {k for k in many[step] if not k.startswith("perf/")}, step
+        for key in sorted(keys):
+            np.testing.assert_allclose(many[step][key], row[key], rtol=1e-5, atol=1e-7,
+                                       err_msg=f"{pair.dir.name}: {key} at step {step}")
+
+
+def test_causal_lm_side_by_side(runs):
+    assert_runs_match(runs["lm"], ("val/",))
+    _assert_every_metric_matches(runs["lm"])
+
+
+def test_masked_lm_and_its_neuron_analysis(runs, tmp_path):
+    import json
+    import subprocess
+
+    assert_runs_match(runs["mlm"], ("val/",))
+    _assert_every_metric_matches(runs["mlm"])
+    out = subprocess.run([sys.executable, "-m", "crate_jax.analyze",
+                          f"--workdir={runs['mlm'].multi}", f"--out={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "neurons.json").read_text())
+    assert summary["step"] == 4 and len(summary["models"]["model"]["layers"]) == 2
 
 
 def test_contrastive_with_every_evaluator(runs):

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+from doc_utils import documentation
+
 from crate_jax.main import default_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +57,7 @@ def test_main_without_workdir_then_evaluate(tmp_path):
     assert "INFO" not in out.stdout + out.stderr and "orbax" not in out.stderr.lower()
     assert "CheckpointManager" in (workdir / "logs" / "train_0.log").read_text()
 
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    readme = documentation()
     command = "python -m crate_jax.evaluate --workdir=runs/demo --evals=zeroshot,retrieval"
     assert command in readme
     args = command.split()[3:]

@@ -84,8 +84,9 @@ def test_mae_encoder_finetunes_into_a_classifier(uninterrupted, tmp_path):
     exact values (lr 0 keeps them), its head fresh."""
     c = load_config(os.path.join(ROOT, "configs", "demo_classification.py") + ":smoke")
     c.model.name = "crate-t/4"
-    c.model.overrides = dict(width=32, depth=2, heads=2, posemb="sincos2d", pool="gap",
-                             lam=0.5, layer_norm_eps=1e-6)
+    # the CRATE-MAE encoder as a classifier: its conv stem, MAE's table, λ and final-norm eps
+    c.model.overrides = dict(width=32, depth=2, heads=2, stem="conv", posemb="sincos2d_mae",
+                             pool="gap", lam=0.5, head_norm_eps=1e-6)
     c.init_from, c.init_prefix = str(uninterrupted["mae"]), "backbone"
     c.optim.lr, c.optim.weight_decay, c.total_steps = 0.0, 0.0, 2
     c.checkpoint.async_save = False

@@ -1,5 +1,8 @@
-"""SimDINO: the loss against a NumPy loop, the teacher (a copy of the student, then an EMA the
-optimizer never touches), the momentum schedule, and the multi-crop views."""
+"""SimDINO: the official objective (tests/numpy_reference.py `simdino_mcr_loss`: expansion on
+(student + teacher)/2 per global view, γ by formula, the 2V − 2 alignment pairs, per-shard or
+global covariance on 8 fake devices), exact gradient accumulation, the teacher (a copy of the
+student, then an EMA the optimizer never touches), the momentum schedule, and the multi-crop
+views."""
 
 import os
 import sys
@@ -8,13 +11,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import numpy_reference
+import optax
 import pytest
 from flax import nnx
 
+from crate_jax import parallel
 from crate_jax.data import multicrop
-from crate_jax.tasks.simdino import SimDINOTask, alignment, teacher_momentum
+from crate_jax.tasks.simdino import (
+    Objective,
+    SimDINOTask,
+    alignment,
+    batch_shards,
+    gamma,
+    objective,
+    teacher_momentum,
+)
 from crate_jax.train import optim
-from crate_jax.train.step import make_train_step, split_frozen
+from crate_jax.train.step import make_train_step, split_frozen, task_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,35 +46,133 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def test_alignment_matches_a_numpy_loop_over_view_pairs():
+def test_alignment_is_the_mean_cosine_over_the_2v_minus_2_pairs():
+    # the official comp_loss (a mean cosine, maximised) replaces the former mean of
+    # ½‖s − t‖² = 1 − cosine (minimised): the same gradient, the official sign and value
     rng = np.random.default_rng(0)
     student, teacher = _unit(rng.normal(size=(3, 5, 8))), _unit(rng.normal(size=(3, 2, 8)))
-    total = []
-    for b in range(3):
-        pairs = [0.5 * np.sum((student[b, v] - teacher[b, i]) ** 2)
-                 for i in range(2) for v in range(5) if v != i]
-        assert len(pairs) == 2 * 1 + 2 * 3
-        total.append(np.mean(pairs))
+    pairs = [np.mean(np.sum(student[:, v] * teacher[:, i], -1))
+             for i in range(2) for v in range(5) if v != i]
+    assert len(pairs) == 2 * 5 - 2
     np.testing.assert_allclose(alignment(jnp.asarray(student), jnp.asarray(teacher)),
-                               np.mean(total), rtol=1e-5)
+                               np.mean(pairs), rtol=1e-5)
 
 
-def test_loss_is_alignment_minus_the_weighted_coding_rate():
-    config = smoke_config(coding_rate_weight=0.3, eps_sq=0.5)
-    task = SimDINOTask(config)
+def test_gamma_is_the_official_formula():
+    assert gamma(256, 1024, 1) == pytest.approx(0.004883, rel=1e-3)  # docs/design.md §1
+    assert gamma(256, 64, 8) == pytest.approx(1 / 256 + 1 / 512)  # the README's 8 × 64
+    assert gamma(256, 64, 8) == gamma(256, 512, 1)  # γ depends on the global batch only
+
+
+def _features(batch, views=4, globals_=2, k=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return (_unit(rng.normal(size=(batch, views, k))).astype(np.float32),
+            _unit(rng.normal(size=(batch, globals_, k))).astype(np.float32))
+
+
+def _crop_major(x):
+    return np.swapaxes(np.asarray(x, np.float64), 0, 1)
+
+
+@pytest.mark.parametrize("expa_type", [1, 0])
+def test_objective_is_the_official_loss_on_one_device(expa_type):
+    student, teacher = _features(16)
+    settings = Objective(eps=0.05, coeff=0.7, expa_type=expa_type)
+    loss, aux = objective(jnp.asarray(student), jnp.asarray(teacher), settings)
+    want = numpy_reference.simdino_mcr_loss(_crop_major(student), _crop_major(teacher),
+                                           eps=0.05, coeff=0.7, expa_type=expa_type)
+    np.testing.assert_allclose([loss, aux["comp_loss"], aux["expa_loss"]], want, rtol=2e-5)
+    other = numpy_reference.simdino_mcr_loss(_crop_major(student), _crop_major(teacher),
+                                            eps=0.05, coeff=0.7, expa_type=1 - expa_type)
+    assert abs(other[2] - want[2]) > 1e-3  # the two expansion features differ
+
+
+@pytest.mark.parametrize("reduce_cov", [0, 1])
+def test_reduce_cov_per_shard_or_global_on_eight_devices(reduce_cov):
+    """8 fake devices (tests/conftest.py), 32 rows: each data shard holds m = 4 rows."""
+    student, teacher = _features(32, seed=1)
+    task = SimDINOTask(smoke_config(eps=0.05, reduce_cov=reduce_cov))
+    mesh = parallel.make_mesh({"data": 2, "fsdp": -1})
+    with jax.set_mesh(mesh):
+        feats = jax.device_put({"student": student, "teacher": teacher},
+                               parallel.batch_sharding(mesh))
+        loss, aux = jax.jit(lambda f: task.features_loss(None, f, None))(feats)
+    want = [numpy_reference.simdino_mcr_loss(_crop_major(student), _crop_major(teacher),
+                                            eps=0.05, reduce_cov=r, devices=8) for r in (0, 1)]
+    np.testing.assert_allclose([loss, aux["comp_loss"], aux["expa_loss"]], want[reduce_cov],
+                               rtol=2e-5)
+    assert abs(want[0][2] - want[1][2]) > 1e-2  # per-shard and global covariances differ
+
+
+def test_task_loss_on_the_model_is_the_official_loss():
+    task = SimDINOTask(smoke_config())
     model = task.build_model(nnx.Rngs(0))
     batch = {k: jnp.asarray(np.random.default_rng(1).integers(0, 255, v.shape, np.uint8))
              for k, v in task.example_batch(8).items()}
-    loss, aux = task.loss(model, batch, jax.random.key(0))
-    glob, _ = task._views(batch["global"])
-    z = np.asarray(model.student(glob)).reshape(8, 2, -1)
-    rates = []
-    for j in range(2):  # R = ½ logdet(I + k/(B ε²) ZᵀZ) per global view
-        zj = z[:, j].astype(np.float64)
-        alpha = zj.shape[1] / (8 * 0.5)
-        rates.append(0.5 * np.linalg.slogdet(np.eye(zj.shape[1]) + alpha * zj.T @ zj)[1])
-    np.testing.assert_allclose(aux["coding_rate"], np.mean(rates), rtol=1e-4)
-    np.testing.assert_allclose(loss, aux["align"] - 0.3 * np.mean(rates), rtol=1e-4)
+    loss, aux = nnx.jit(task.loss)(model, batch, jax.random.key(0))
+    feats = nnx.jit(task.features)(model, batch, jax.random.key(0))
+    assert feats["student"].shape == (8, 4, 16) and feats["teacher"].shape == (8, 2, 16)
+    want = numpy_reference.simdino_mcr_loss(_crop_major(feats["student"]),
+                                           _crop_major(feats["teacher"]), eps=0.05)
+    np.testing.assert_allclose([loss, aux["comp_loss"], aux["expa_loss"]], want, rtol=2e-5)
+
+
+@pytest.mark.parametrize("updates,setting", [
+    (dict(eps_sq=0.5), "eps_sq"), (dict(coding_rate_weight=0.02), "coding_rate_weight"),
+    (dict(expa_type=2), "expa_type"), (dict(reduce_cov=-1), "reduce_cov"),
+    (dict(eps=0.0), "eps"),
+])
+def test_bad_or_retired_objective_settings_are_named(updates, setting):
+    config = smoke_config()
+    config.update(updates)
+    with pytest.raises(ValueError, match=f"^{setting}: "):
+        SimDINOTask(config)
+
+
+def test_a_batch_the_shards_do_not_divide_is_refused():
+    assert batch_shards(12) == 1  # no mesh: one shard
+    with jax.set_mesh(parallel.make_mesh({"data": -1})):
+        assert batch_shards(16) == 8
+        with pytest.raises(ValueError, match=r"batch_size: .* 12 rows .* the 8 data-parallel"):
+            batch_shards(12)
+
+
+def _accumulated_step(accum: int, mode: str = "auto"):
+    """(loss, the student's gradient) of one SGD step (lr 1) on 8 devices, batch 32."""
+    config = smoke_config(grad_accum_steps=accum, grad_accum_mode=mode, batch_size=32)
+    task = SimDINOTask(config)
+    model = task.build_model(nnx.Rngs(params=0, dropout=1))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    tx = optax.sgd(1.0)
+    step = task_train_step(task, config, graphdef, tx, optax.constant_schedule(1.0),
+                           ("teacher",))
+    mesh = parallel.make_mesh({"data": -1})
+    batch = {k: np.random.default_rng(2).integers(0, 255, v.shape, np.uint8)
+             for k, v in task.example_batch(32).items()}
+    with jax.set_mesh(mesh):
+        batch = jax.device_put(batch, parallel.batch_sharding(mesh))
+        state = {"step": jnp.zeros((), jnp.int32), "params": params,
+                 "opt_state": tx.init(split_frozen(params, ("teacher",))[0])}
+        new, metrics = jax.jit(step)(state, rest, batch)
+    grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params["student"],
+                         new["params"]["student"])
+    return float(metrics["train/loss"]), grads
+
+
+def test_accumulated_micro_batches_give_the_whole_batch_update():
+    """grad_accum_steps=2 caches the features of both micro-batches and takes the objective
+    (per-shard covariances included) on the whole batch: the update of one step on it."""
+    loss, grads = _accumulated_step(1)
+    loss2, grads2 = _accumulated_step(2)
+    np.testing.assert_allclose(loss2, loss, rtol=1e-5)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
+    for g, g2 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2), strict=True):
+        np.testing.assert_allclose(g2, g, rtol=1e-4, atol=1e-5 * scale)
+    config = smoke_config(grad_accum_steps=2, grad_accum_mode="plain", batch_size=32)
+    with pytest.raises(ValueError, match="grad_accum_mode='plain'"):
+        task_train_step(SimDINOTask(config), config, None, optax.sgd(1.0),
+                        optax.constant_schedule(1.0), ("teacher",))
 
 
 def test_momentum_schedule_rises_from_start_to_end():

@@ -189,6 +189,27 @@ def test_sparsity_and_objective_match_numpy(tiny):
     np.testing.assert_allclose(cr.sparsity(np.array([[[0.0, 1.0], [0.0, 0.0]]])), [0.75])
 
 
+
+def test_summary_std_is_the_references():
+    """The reference reports its coding rates with torch's sample std (Tensor.std(): ddof 1)
+    and its sparsity with np.std (ddof 0); the summary does the same, per point and head."""
+    rng = np.random.default_rng(3)
+    per_image = {"compression": rng.normal(size=(4, 3)), "compression_heads": rng.normal(
+        size=(4, 3, 2)), "rate": rng.normal(size=(4, 3)), "objective": rng.normal(size=(4, 2)),
+        "sparsity": rng.uniform(size=(4, 2)), "l0": rng.uniform(size=(4, 2))}
+    out = cr.summarize(per_image)
+    for key, value in per_image.items():
+        ddof = 0 if key in ("sparsity", "l0") else 1
+        n = value.shape[0]
+        mean = value.sum(0) / n
+        want = np.sqrt(((value - mean) ** 2).sum(0) / (n - ddof))
+        np.testing.assert_allclose(out[f"{key}_mean"], mean, rtol=1e-12)
+        np.testing.assert_allclose(out[f"{key}_std"], want, rtol=1e-12)
+    # the sample std of 4 values is sqrt(4/3) times the population std: 15 % more
+    np.testing.assert_allclose(out["rate_std"], np.sqrt(4 / 3) * per_image["rate"].std(0))
+    one = cr.summarize({"rate": np.ones((1, 3)), "sparsity": np.ones((1, 3))})
+    assert np.isnan(one["rate_std"]).all() and one["sparsity_std"] == [0.0, 0.0, 0.0]
+
 def test_measure_refuses_vit():
     model = nnx.eval_shape(lambda: models.create("vit-ti/8", width=32, depth=1, heads=2,
                                                  image_size=16, mlp_dim=64))

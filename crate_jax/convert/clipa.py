@@ -1,5 +1,5 @@
 """The CRATE-α-CLIPA two-tower PyTorch release (`crate_alpha_CLIPA_L14.pth`, `..._H14.pth`;
-DESIGN.md §3) ↔ our CLIP with a CRATE-α image tower and the CLIPA text tower.
+docs/design.md §3) ↔ our CLIP with a CRATE-α image tower and the CLIPA text tower.
 
     visual.conv1.weight (d, 3, P, P), no bias        image/stem/kernel (P, P, 3, d)
     visual.class_embedding (d,)                      image/cls (1, 1, d)
@@ -64,6 +64,13 @@ VISUAL_BLOCK = "visual.transformer.resblocks.{i}"
 TEXT_BLOCK = "transformer.resblocks.{i}"
 PORT_EPS = 1e-6  # every LayerNorm of the port
 PORT_TEXT_HEAD_WIDTH = 64  # the port builds its text tower with width // 64 heads
+# The release's evaluation (torch_inference/eval_in1k.py): Resize(224) (bilinear, the short
+# side), CenterCrop(224), ImageNet mean/std; run configs carry it so that crate_jax.load and
+# crate_jax.evaluate preprocess as the release does without flags.
+RELEASE_EVAL_PREPROCESSING = {"eval_crop_fraction": 1.0, "eval_interpolation": "bilinear",
+                              "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+RELEASE_TOKENIZER = "builtin:bert_base_uncased"  # crate_jax/data/assets/bert_base_uncased.txt
+BERT_VOCAB_SIZE = 30522
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +105,16 @@ class ImportedClip:
                       "text_overrides": {k: v for k, v in text.items()
                                          if k != "context_length"}},
             "data": {"image_size": image["image_size"],
-                     "context_length": text["context_length"]},
+                     "context_length": text["context_length"], **RELEASE_EVAL_PREPROCESSING,
+                     **self._release_tokenizer()},
             "converted_from": {**(source or {}), "notes": list(self.notes)},
         }
+
+    def _release_tokenizer(self) -> dict[str, str]:
+        """data.tokenizer of the release: BERT-base uncased (shipped with the package), when
+        the text tower's table can hold its 30,522 ids (the release's has 32,000 rows)."""
+        rows = np.shape(self.params["text"]["token_embedding"])[0]
+        return {"tokenizer": RELEASE_TOKENIZER} if rows >= BERT_VOCAB_SIZE else {}
 
 
 def _check_mssa_in_proj(flat: Mapping[str, np.ndarray], depth: int, d: int) -> None:

@@ -1,4 +1,4 @@
-"""Export our parameters to the released PyTorch layouts (DESIGN.md §3), as NumPy state dicts.
+"""Export our parameters to the released PyTorch layouts (docs/design.md §3), as NumPy state dicts.
 
     to_crate_alpha_torch(params, cfg)   our CRATE-α → the CRATE-α PyTorch port's state_dict
     to_crate_torch(params, cfg)         our CRATE   → the CRATE PyTorch state_dict
@@ -34,7 +34,8 @@ from crate_jax.models.layers import sincos_2d
 __all__ = ["EXPORT_FORMATS", "compatibility_notes", "export_weights", "to_crate_alpha_torch",
            "to_crate_torch"]
 
-EXPORT_FORMATS = ("crate-alpha-torch", "crate-torch", "crate-alpha-clipa-torch")
+EXPORT_FORMATS = ("crate-alpha-torch", "crate-torch", "crate-alpha-clipa-torch",
+                  "crate-mae-torch", "dino-vit-torch", "tost-torch", "tost-gpt-torch")
 
 
 def per_layer_flat(params: Mapping[Any, Any]) -> dict[str, np.ndarray]:
@@ -211,8 +212,22 @@ def export_weights(params: Mapping[Any, Any], layout: str, path: str | os.PathLi
     with torch). A .safetensors file records the layout, the heads and the model `name` /
     config in its metadata (the import reads the heads back from it). Returns the
     compatibility notes."""
-    from crate_jax.convert import clipa
+    from crate_jax.convert import clipa, crate_mae
+    from crate_jax.models.autoencoder import MAEConfig
 
+    autoencoder = isinstance(cfg, MAEConfig)
+    if autoencoder != (layout == crate_mae.LAYOUT):
+        what = ("a masked autoencoder run" if autoencoder else
+                "a run without config.json" if cfg is None else f"a {type(cfg).__name__} run")
+        raise ConversionError(f"{what} cannot be exported as {layout}" + (
+            f"; use {crate_mae.LAYOUT}" if autoencoder else
+            " (it takes a masked autoencoder run: config.json with trainer 'mae')"))
+    if layout == crate_mae.LAYOUT:
+        return crate_mae.export_crate_mae_torch(params, path, cfg, name=name)
+    if layout == "dino-vit-torch":  # DINO / SimDINO ViT backbones (convert/dino_vit.py)
+        from crate_jax.convert.dino_vit import export_dino_vit_torch
+
+        return export_dino_vit_torch(params, path, cfg, name=name)
     two_tower = isinstance(cfg, clipa.ClipConfig)
     if two_tower != (layout == clipa.LAYOUT):
         raise ConversionError(f"a {'two-tower' if two_tower else 'single-tower'} run cannot be "

@@ -1,10 +1,13 @@
-"""Importers: released CRATE / CRATE-α checkpoints → our parameter tree (DESIGN.md §3).
+"""Importers: released CRATE / CRATE-α checkpoints → our parameter tree (docs/design.md §3).
 
 Three source layouts:
 
     'crate-torch'        CRATE PyTorch state_dict (T/S/B/L), linear stem, Linear weights (out, in)
     'crate-alpha-torch'  CRATE-α PyTorch port: conv1 (d, C, P, P), head LN with eps 1e-5
     'crate-alpha-npz'    CRATE-α big_vision .npz, '/'-joined keys, proj (d, K, p), out (K, p, d)
+
+(the two-tower 'crate-alpha-clipa-torch' and the masked autoencoder 'crate-mae-torch' have
+their own modules, convert/clipa.py and convert/crate_mae.py; `import_weights` reads all five).
 
 Each importer reads the model size off the tensor shapes — width (a vote over the tensors that
 carry it, so that one wrong tensor is reported rather than believed), depth (the layer indices),
@@ -49,12 +52,14 @@ from crate_jax.models.registry import VISION_SIZES
 from crate_jax.models.resize import resize_patch_kernel, resize_posemb
 
 __all__ = [
-    "FORMATS", "ConversionError", "Imported", "check_against_model", "flatten_source",
+    "FORMATS", "ConversionError", "Entry", "Imported", "apply_spec", "check_against_model",
+    "flatten_source",
     "import_crate_alpha_npz", "import_crate_alpha_torch", "import_crate_torch", "import_weights",
     "resize_imported",
 ]
 
-FORMATS = ("crate-torch", "crate-alpha-torch", "crate-alpha-npz", "crate-alpha-clipa-torch")
+FORMATS = ("crate-torch", "crate-alpha-torch", "crate-alpha-npz", "crate-alpha-clipa-torch",
+           "crate-mae-torch", "dino-vit-torch", "tost-torch", "tost-gpt-torch")
 FAMILY_OF = {"crate": "crate", "crate_alpha": "crate-alpha"}
 TORCH_HEAD_EPS = 1e-5  # the CRATE-α PyTorch port's mlp_head.0 LayerNorm
 
@@ -141,10 +146,15 @@ def flatten_source(source: Mapping[str, Any], sep: str) -> tuple[dict[str, np.nd
 
 
 @dataclasses.dataclass(frozen=True)
-class _Entry:
+class Entry:
+    """Where one source tensor goes: our path, the shape it must have, how it converts."""
+
     ours: str  # our '/'-joined parameter path
     shape: tuple[int, ...]  # the source tensor's expected shape
     convert: Callable[[np.ndarray], np.ndarray] = np.asarray
+
+
+_Entry = Entry  # the name this module and convert/clipa.py use
 
 
 def _allowed(key: str, allow_extra: Mapping[str, str]) -> str | None:
@@ -164,10 +174,12 @@ def _describe(dims: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in dims.items() if v is not None)
 
 
-def _apply(flat: Mapping[str, np.ndarray], spec: Mapping[str, _Entry], *, layout: str,
-           dims: Mapping[str, Any], allow_extra: Mapping[str, str], dtype: np.dtype,
-           notes: list[str]) -> dict[str, np.ndarray]:
-    """Check `flat` against `spec` exactly and map it onto our paths, cast to `dtype`."""
+def apply_spec(flat: Mapping[str, np.ndarray], spec: Mapping[str, Entry], *, layout: str,
+               dims: Mapping[str, Any], allow_extra: Mapping[str, str], dtype: np.dtype,
+               notes: list[str]) -> dict[str, np.ndarray]:
+    """Check `flat` against `spec` exactly and map it onto our paths, cast to `dtype`: every
+    missing key, unexpected key (not whitelisted in `allow_extra`), shape mismatch and
+    non-floating tensor is reported in one ConversionError; the whitelisted keys are noted."""
     missing = [k for k in spec if k not in flat]
     unexpected, ignored = [], []
     for key in flat:
@@ -230,6 +242,9 @@ def _vote(flat: Mapping[str, np.ndarray], probes: list[tuple[str, Callable[[tupl
     counts = collections.Counter(values)
     best = max(counts.values())
     return next(v for v in values if counts[v] == best)
+
+
+_apply = apply_spec  # the name this module and convert/clipa.py use
 
 
 def _layer_count(flat: Mapping[str, np.ndarray], pattern: str, layout: str) -> int:
@@ -386,7 +401,7 @@ def resize_imported(imported: Imported, *, image_size: int | None = None,
     notes = list(imported.notes)
     params = jax.tree.map(lambda x: x, imported.params)  # a copy of the containers
     if new_patch != cfg.patch_size:
-        if cfg.block == "crate":
+        if cfg.patch_stem == "linear":
             raise ConversionError(
                 f"cannot change the patch size of a CRATE checkpoint ({cfg.patch_size} -> "
                 f"{new_patch}): its linear stem normalises the flattened P*P*C patch vector, "
@@ -462,7 +477,7 @@ def import_crate_torch(source: Mapping[str, Any], *, heads: int | None = None,
                        allow_extra: Mapping[str, str] | None = None,
                        metadata: Mapping[str, str] | None = None,
                        **config_overrides: Any) -> Imported:
-    """A CRATE PyTorch state_dict (DESIGN.md §3) → our CRATE.
+    """A CRATE PyTorch state_dict (docs/design.md §3) → our CRATE.
 
     The patch size comes from the stem's LayerNorm over P·P·C values with C = `channels` (3);
     image_size (when it differs from the table's) resizes the position table; the patch size
@@ -534,7 +549,7 @@ def import_crate_alpha_torch(source: Mapping[str, Any], *, heads: int | None = N
                              allow_extra: Mapping[str, str] | None = None,
                              metadata: Mapping[str, str] | None = None,
                              **config_overrides: Any) -> Imported:
-    """A CRATE-α PyTorch-port state_dict (DESIGN.md §3) → our CRATE-α.
+    """A CRATE-α PyTorch-port state_dict (docs/design.md §3) → our CRATE-α.
 
     The port pools the cls token, then LayerNorm (eps 1e-5, unlike the blocks' 1e-6), then
     Linear. Ours normalises all tokens with the final norm and then takes the cls token, which
@@ -702,6 +717,14 @@ def import_weights(source: Any, layout: str, **kwargs: Any) -> Imported:
     already in memory) as `layout` (one of FORMATS); kwargs go to the layout's importer."""
     if layout not in FORMATS:
         raise ValueError(f"unknown checkpoint layout {layout!r}; layouts are {list(FORMATS)}")
+    if layout == "dino-vit-torch":  # DINO / SimDINO ViTs: convert/dino_vit.py reads the file
+        from crate_jax.convert.dino_vit import import_dino_vit_torch  # (args: a Namespace)
+
+        return import_dino_vit_torch(source, **kwargs)
+    if layout in ("tost-torch", "tost-gpt-torch"):  # ToST (convert/tost.py)
+        from crate_jax.convert.tost import import_tost
+
+        return import_tost(source, layout, **kwargs)
     if not isinstance(source, Mapping):
         from crate_jax.convert.files import load_weights
 
@@ -712,4 +735,8 @@ def import_weights(source: Any, layout: str, **kwargs: Any) -> Imported:
         from crate_jax.convert.clipa import import_crate_alpha_clipa_torch
 
         return import_crate_alpha_clipa_torch(source, **kwargs)
+    if layout == "crate-mae-torch":  # the masked autoencoder (convert/crate_mae.py)
+        from crate_jax.convert.crate_mae import import_crate_mae_torch
+
+        return import_crate_mae_torch(source, **kwargs)
     return IMPORTERS[layout](source, **kwargs)

@@ -8,10 +8,12 @@ An import writes OUT as a training run would leave it:
     OUT/config.json           {'trainer': 'classification', 'model': {'name', 'overrides'},
                                'data': {'num_classes', 'image_size'}, 'converted_from': {...}}
 
-so that `config.init_from=OUT` finetunes from it (the trainer only restores the parameters of
-`init_from`) and `crate_jax.train.loop.final_params(OUT)` returns them. `model.overrides` holds
-everything but num_classes and image_size, which sit in `data` where a classification config
-keeps them (the classification task passes them to the model).
+(a CRATE-MAE import writes trainer 'mae' and data.image_size, as a 'mae' run does; a
+CRATE-α-CLIPA import a 'contrastive' run), so that `config.init_from=OUT` finetunes from it
+(the trainer only restores the parameters of `init_from`) and
+`crate_jax.train.loop.final_params(OUT)` returns them. `model.overrides` holds everything
+but num_classes and image_size, which sit in `data` where a classification config keeps them
+(the classification task passes them to the model).
 
 OUT is a source to finetune from (`init_from`), not a run to resume: its step 0 has no
 optimizer state and no data position, and the trainer refuses --workdir=OUT because OUT's
@@ -31,7 +33,9 @@ import numpy as np
 
 from crate_jax import models
 from crate_jax.convert.clipa import ImportedClip
+from crate_jax.convert.crate_mae import ImportedMAE
 from crate_jax.convert.importers import ConversionError, Imported
+from crate_jax.models.autoencoder import MAEConfig
 from crate_jax.models.clip import ClipConfig
 from crate_jax.models.config import VisionConfig
 
@@ -50,10 +54,10 @@ class _NoData:
         del state
 
 
-def run_config(imported: Imported | ImportedClip,
+def run_config(imported: Imported | ImportedClip | ImportedMAE,
                source: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config.json of an imported checkpoint."""
-    if isinstance(imported, ImportedClip):
+    if isinstance(imported, ImportedClip | ImportedMAE):
         return imported.run_config(source)
     overrides = {k: v for k, v in imported.overrides.items() if k not in DATA_FIELDS}
     cfg = imported.config()
@@ -65,13 +69,13 @@ def run_config(imported: Imported | ImportedClip,
     }
 
 
-def write_run(out: str | os.PathLike, imported: Imported | ImportedClip,
+def write_run(out: str | os.PathLike, imported: Imported | ImportedClip | ImportedMAE,
               source: dict[str, Any] | None = None) -> Path:
     """Write `imported` as the run directory `out` (see the module docstring); `out` must not
     hold a checkpoint or config.json already. Returns the path of the checkpoint directory."""
     from crate_jax.train.checkpoint import Checkpointer
 
-    out = Path(out)
+    out = Path(out).absolute()  # orbax refuses a relative path (the README's runs/...)
     ckpt_dir = out / "checkpoints"
     if (out / "config.json").exists() or (ckpt_dir.exists() and any(ckpt_dir.iterdir())):
         raise FileExistsError(f"{out} already holds a run (config.json or checkpoints/); "
@@ -102,15 +106,16 @@ def _checkpoint_dir(path: Path) -> tuple[Path, int | None, Path | None]:
 
 
 def load_run(path: str | os.PathLike, step: int | None = None
-             ) -> tuple[dict[str, Any], VisionConfig | ClipConfig | None, str | None]:
+             ) -> tuple[dict[str, Any], VisionConfig | ClipConfig | MAEConfig | None,
+                        str | None]:
     """(params as NumPy, the model config or None, the model name or None) of a run directory,
     a checkpoint directory or one step directory. The config comes from the run's config.json
     (model.name + model.overrides, with data.num_classes / data.image_size as the
-    classification task applies them; a contrastive run's ClipConfig, with no name); without
-    one it is None."""
+    classification task applies them; a contrastive run's ClipConfig, with no name; a masked
+    autoencoder's MAEConfig, as the 'mae' task builds it); without one it is None."""
     from crate_jax.train.checkpoint import Checkpointer
 
-    path = Path(path)
+    path = Path(path).absolute()
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such run or checkpoint directory")
     ckpt_dir, dir_step, config_dir = _checkpoint_dir(path)
@@ -131,6 +136,8 @@ def load_run(path: str | os.PathLike, step: int | None = None
             from crate_jax import tasks
             task = tasks.get("contrastive")(ml_collections.ConfigDict(config))
             return params, task.model_config(), None
+        if config.get("trainer") == "mae":
+            return params, _mae_config(config), config["model"]["name"]
         model = config.get("model") or {}
         name = model.get("name")
         if not name:
@@ -143,3 +150,16 @@ def load_run(path: str | os.PathLike, step: int | None = None
                 overrides.setdefault(field, data[field])
         cfg = models.config_for(name, **overrides)
     return params, cfg, name
+
+
+def _mae_config(config: dict[str, Any]) -> MAEConfig:
+    """The MAEConfig of a 'mae' run's config.json, as the task builds its model: the model's
+    fields and overrides, the image size from data (data.num_classes is the probes')."""
+    import ml_collections
+
+    from crate_jax.config_utils import model_overrides
+    overrides = model_overrides(ml_collections.ConfigDict(config["model"]))
+    image_size = (config.get("data") or {}).get("image_size")
+    if image_size is not None:
+        overrides.setdefault("image_size", image_size)
+    return models.registry.mae_config_for(config["model"]["name"], **overrides)

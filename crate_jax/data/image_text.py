@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import os
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -248,7 +247,9 @@ class _DecodePair:
 # --- evaluation sets -----------------------------------------------------------------------
 
 def class_names(spec: Any) -> tuple[list[str], list[int] | None]:
-    """Class names for a zero-shot spec, and the subset of classes scored (None: all)."""
+    """Class names for a zero-shot spec (the synthetic shapes' own, or spec.class_names = a
+    file, one per line), and the subset of classes scored (None: all). ImageNet's curated
+    names are the evaluators' (crate_jax.evals.zeroshot)."""
     if spec.source == "synthetic_captions":
         from crate_jax.data.synthetic import ShapesCaptions
         probe = ShapesCaptions("train", num_examples=1, holdout_pairs=spec.get("holdout_pairs",
@@ -256,69 +257,77 @@ def class_names(spec: Any) -> tuple[list[str], list[int] | None]:
                                seed=spec.get("seed", 0))
         subset = probe.heldout_class_ids if spec.get("heldout_only", False) else None
         return list(probe.class_names), subset
-    if spec.get("name") == "imagenet2012":
-        from crate_jax.evals.clip import imagenet_class_names
-        return imagenet_class_names(), None
     if spec.get("class_names"):
-        return [line.strip() for line in open(spec.class_names) if line.strip()], None
+        with open(spec.class_names, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()], None
     raise ValueError(f"evals: no class names for {spec.get('name') or spec.source!r}; "
                      "give class_names=FILE")
 
 
-class _CaptionPairs:
-    """(image, caption) pairs of a captioned set, one row per caption, with its image id."""
-
-    def __init__(self, source, caption_key: Callable[[dict], list[str]]):
-        self.source, self.caption_key = source, caption_key
-        self.index = [(i, j) for i in range(len(source))
-                      for j in range(len(caption_key(source[i])))]
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, k: int) -> dict:
-        i, j = self.index[k]
-        example = self.source[i]
-        return {"image": example["image"], "caption": self.caption_key(example)[j],
-                "image_id": np.int32(i), "label": example.get("label", np.int32(0))}
-
-
 def eval_source(spec: Any, data: Any, split: str):
+    """The spec's random-access source for `split`, cut to spec.num_examples for TFDS sets
+    (the synthetic sets are generated at that size)."""
     if spec.source == "synthetic_captions":
         return _synthetic(data, split, spec.get("num_examples"), spec.get("holdout_pairs"))
     if spec.source == "tfds":
         import ml_collections
 
+        from crate_jax.data import pipeline
         from crate_jax.data.images import image_source
         tfds_cfg = ml_collections.ConfigDict(dict(source="tfds", name=spec.name,
                                                   data_dir=spec.get("data_dir")))
-        return image_source(tfds_cfg, split)
+        source = image_source(tfds_cfg, split)
+        num = spec.get("num_examples")
+        return pipeline.first_examples(source, num) if num else source
     raise ValueError(f"evals source {spec.source!r}: use 'synthetic_captions' or 'tfds'")
 
 
-def eval_batches_factory(spec: Any, data: Any, batch_size: int, split: str | None = None):
-    """A function returning a fresh pass of padded, masked eval batches for this spec."""
+def captions_per_image(spec: Any) -> int:
+    """K, the captions of each image a retrieval spec uses: spec.captions_per_image, else 5
+    for TFDS sets (COCO's and Flickr30k's protocol) and 1 for the synthetic ones."""
+    k = spec.get("captions_per_image") or (1 if spec.source == "synthetic_captions" else 5)
+    if int(k) < 1:
+        raise ValueError(f"evals captions_per_image={k!r}: must be at least 1")
+    return int(k)
+
+
+def _captions(example: dict) -> list[str]:
+    if "caption" in example:  # the synthetic sets: one caption
+        return [example["caption"]]
+    return [t.decode() if isinstance(t, bytes) else str(t) for t in example["captions"]["text"]]
+
+
+def eval_batches_factory(spec: Any, data: Any, batch_size: int, split: str | None = None, *,
+                         default_crop: float = 1.0):
+    """A function returning a fresh pass of padded, masked eval batches for this spec: images
+    resized and centre-cropped by the run's data.eval_crop_fraction (default `default_crop`)
+    and data.eval_interpolation; for retrieval, one row per image with its first K captions
+    ('tokens' (K, L), 'caption_mask' (K,))."""
     from crate_jax.data import pipeline
-    from crate_jax.data.images import resize_center_crop, to_pil
+    from crate_jax.data.images import eval_resize_settings, resize_center_crop, to_pil
     split = split or spec.get("split", "test")
     source = eval_source(spec, data, split)
-    if spec.kind == "retrieval":
-        if spec.source == "synthetic_captions":
-            source = _CaptionPairs(source, lambda e: [e["caption"]])
-        else:
-            source = _CaptionPairs(source, lambda e: [t.decode() if isinstance(t, bytes) else t
-                                                      for t in e["captions"]["text"]])
+    size = data.image_size
+    crop, interpolation = eval_resize_settings(data, default_crop)
+    k = captions_per_image(spec) if spec.kind == "retrieval" else 0
+
+    generated = spec.source == "synthetic_captions"  # made at the size: nothing to resize
 
     def transform(example: dict) -> dict:
         image = example["image"]
-        if isinstance(image, bytes) or np.asarray(image).shape[0] != data.image_size:
-            image = np.asarray(resize_center_crop(to_pil(image), data.image_size, 1.0))
+        if not generated or np.asarray(image).shape[:2] != (size, size):
+            # every stored image, even one already at the size (torchvision's Resize + Crop
+            # would change one at crop fraction < 1 too)
+            image = np.asarray(resize_center_crop(to_pil(image), size, crop, interpolation))
         out = {"image": np.asarray(image, np.uint8),
                "label": np.int32(example.get("label", 0))}
-        if spec.kind == "retrieval":
-            out["tokens"] = tokenizers.tokenize(tokenizer_for(data), [example["caption"]],
-                                                data.context_length)[0]
-            out["image_id"] = np.int32(example["image_id"])
+        if k:
+            captions = _captions(example)[:k]
+            tokens = np.zeros((k, data.context_length), np.int32)
+            tokens[:len(captions)] = tokenizers.tokenize(tokenizer_for(data), captions,
+                                                         data.context_length)
+            out["tokens"] = tokens
+            out["caption_mask"] = (np.arange(k) < len(captions)).astype(np.float32)
         return out
 
     return lambda: pipeline.eval_batches(source, batch_size=batch_size, transform=transform)

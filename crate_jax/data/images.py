@@ -84,14 +84,41 @@ def inception_crop(image: Image.Image, rng: np.random.Generator, size: int, *,
     return image.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h))
 
 
-def resize_center_crop(image: Image.Image, size: int, crop_fraction: float = 0.875) -> Image.Image:
-    """Resize the short side to size / crop_fraction, then crop the centre size × size."""
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+DEFAULT_EVAL_CROP = 0.875  # image classification's; contrastive runs default to 1.0
+
+
+def resize_center_crop(image: Image.Image, size: int, crop_fraction: float = DEFAULT_EVAL_CROP,
+                       interpolation: str = "bicubic") -> Image.Image:
+    """torchvision's Resize(S) + CenterCrop(size) with S = floor(size / crop_fraction): the
+    short side becomes S and the long side floor(S · long / short) (torchvision truncates),
+    then the centre size × size is cut at offset round((side − size) / 2), Python's round
+    as torchvision uses it. crop_fraction 1.0 with 'bilinear' is the CRATE-α-CLIPA release's
+    eval_in1k.py; 0.875 with 'bicubic' is DINO's and timm's ImageNet evaluation."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"eval_interpolation: {interpolation!r}; use one of "
+                         f"{sorted(INTERPOLATIONS)}")
+    if not 0.0 < crop_fraction <= 1.0:
+        raise ValueError(f"eval_crop_fraction: {crop_fraction!r}; must be in (0, 1]")
     width, height = image.size
-    scale = size / crop_fraction / min(width, height)
-    w, h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((w, h), Image.BICUBIC)
-    x, y = (w - size) // 2, (h - size) // 2
+    short_target = int(size / crop_fraction + 1e-6)  # 224 / 0.875 is 256, not 255.99...
+    if width <= height:
+        w, h = short_target, int(short_target * height / width)
+    else:
+        w, h = int(short_target * width / height), short_target
+    if (w, h) != (width, height):
+        image = image.resize((w, h), INTERPOLATIONS[interpolation])
+    x, y = round((w - size) / 2.0), round((h - size) / 2.0)  # half to even, as torchvision
     return image.crop((x, y, x + size, y + size))
+
+
+def eval_resize_settings(data: Any, default_crop: float = DEFAULT_EVAL_CROP
+                         ) -> tuple[float, str]:
+    """(crop fraction, interpolation) of a run's evaluation images: data.eval_crop_fraction
+    (default `default_crop`) and data.eval_interpolation (default 'bicubic')."""
+    crop = data.get("eval_crop_fraction", None)
+    return (default_crop if crop is None else float(crop),
+            data.get("eval_interpolation", None) or "bicubic")
 
 
 def train_transform(data: Any):
@@ -130,12 +157,13 @@ def train_transform(data: Any):
 
 def eval_transform(data: Any):
     """example -> {'image': uint8 (S, S, 3), 'label'}: resize and centre crop."""
-    size, crop = data.image_size, data.get("eval_crop_fraction", 0.875)
+    size = data.image_size
+    crop, interpolation = eval_resize_settings(data)
 
     def transform(example: dict) -> dict:
         image = to_pil(example["image"])
         if image.size != (size, size):
-            image = resize_center_crop(image, size, crop)
+            image = resize_center_crop(image, size, crop, interpolation)
         return {"image": np.asarray(image, np.uint8), "label": np.int32(example["label"])}
 
     return transform

@@ -113,8 +113,9 @@ class ReconstructionEvaluator(Evaluator):
             patch = model.cfg.encoder.patch_size
             pixels = patchify(images.astype(jnp.float32), patch)
             # per-patch standardised predictions back in pixel units, with the patch's stats
-            mean, std = pixels.mean(-1, keepdims=True), jnp.sqrt(pixels.var(-1, keepdims=True)
-                                                                  + 1e-6)
+            # (the unbiased variance, as the loss's targets take it)
+            mean = pixels.mean(-1, keepdims=True)
+            std = jnp.sqrt(pixels.var(-1, keepdims=True, ddof=1) + 1e-6)
             if self.norm_pix:
                 pred = pred * std + mean
             return {"pixels": pixels, "pred": pred, "mask": mask}

@@ -1,10 +1,10 @@
 """Masked autoencoders: CRATE-MAE (the CRATE encoder, then its transpose, the CRATE decoder)
-and a ViT-MAE baseline with the same interface (DESIGN.md §1, "CRATE autoencoder blocks").
+and a ViT-MAE baseline with the same interface (docs/design.md §1, "CRATE autoencoder blocks").
 
-    E  = stem(x)                                      (B, N, d) patch embeddings
-    m  ∈ {0, 1}^{B×N}                                 1 = hidden patch (ratio r of them)
+    E  = Conv_P(x)                                    (B, N, d) patch embeddings, no LayerNorm
+    m  ∈ {0, 1}^{B×N}                                 1 = hidden: N − int(N·(1 − r)) patches
   mask tokens in the encoder (CRATE-MAE, the official crate_ae):
-    Z⁰ = [cls; m ⊙ t_mask + (1 − m) ⊙ E] + P          P fixed 2-D sin-cos, every patch
+    Z⁰ = [cls; m ⊙ t_mask + (1 − m) ⊙ E] + P          P MAE's fixed 2-D sin-cos, every patch
     H  = LN(Encoderᴸ(Z⁰))
   visible patches only (ViT-MAE, and CRATE-MAE with mask_in_encoder=False):
     Z⁰ = [cls; (E + P)[visible]];  H = LN(Encoderᴸ(Z⁰))·W_e
@@ -19,7 +19,14 @@ encoder layer (encoder.Layer):
     encoder:  Z½ = Z + MSSA(LN(Z));   Z' = ReLU(LN(Z½)·M − ηλ)     compress, then sparsify
     decoder:  G  = LN(Z)·Wᵀ;          Z' = G − MSSA(LN(G))          un-sparsify, de-compress
 
-and the decoder runs its layers in the forward order of its own stack, as the reference does.
+What docs/design.md leaves open follows the official crate_ae (model/crate_ae of the CRATE repo):
+the decoder runs its layers in the forward order of its own stack (decoder_blocks.0 first);
+it takes the encoder's normalised output as it is (no decoder_embed, no second position
+table: the official `decoder_embed` is built but never called, and the one table it adds,
+`decoder_pos_embed`, goes in at the encoder's input), cls token included, which is dropped
+after the pixel head; the block LayerNorms are torch's default (eps 1e-5), the two final
+ones eps 1e-6; λ = 0.5 in the encoder's ISTA (the decoder has no threshold); the mask is
+MAE's (`mask_from_noise`); the initialisation is `_init_as_reference`.
 """
 
 from __future__ import annotations
@@ -34,7 +41,17 @@ from jax.ad_checkpoint import checkpoint_name
 from crate_jax.models.blocks import MSSA, kaiming_uniform
 from crate_jax.models.config import TowerConfig, VisionConfig
 from crate_jax.models.encoder import LAYER_AXIS, Encoder, remat_body
-from crate_jax.models.layers import Dense, LayerNorm, normal, param, sincos_2d, xavier_uniform
+from crate_jax.models.layers import (
+    POSEMB_TABLES,
+    Dense,
+    LayerNorm,
+    normal,
+    param,
+    sincos_2d,
+    torch_default_bias,
+    xavier_uniform,
+    zeros,
+)
 from crate_jax.models.vision import VisionTransformer
 from crate_jax.parallel.sharding import constrain_to_batch
 
@@ -142,25 +159,36 @@ class CrateDecoder(nnx.Module):
 
 
 def hidden_count(ratio: float, num_patches: int) -> int:
-    """round(r·N), the patches a mask hides; ValueError naming mask_ratio unless it hides at
-    least one patch and leaves at least one."""
-    hidden = round(ratio * num_patches)
+    """N − int(N·(1 − r)), the patches a mask hides: MAE's random_masking (and so the official
+    crate_ae) keeps len_keep = int(N·(1 − r)), e.g. N = 64, r = 0.6 keeps 25 and hides 39.
+    ValueError naming mask_ratio unless it hides at least one patch and leaves at least one."""
+    hidden = num_patches - int(num_patches * (1 - ratio))
     if not 0 < hidden < num_patches:
         raise ValueError(f"mask_ratio={ratio} hides {hidden} of {num_patches} patches; it must "
                          "hide at least one and leave at least one")
     return hidden
 
 
-def random_mask(rng: jax.Array, batch: int, num_patches: int, ratio: float
-                ) -> tuple[jax.Array, jax.Array]:
-    """(mask (B, N) bool, True = hidden; visible (B, N − round(r·N)) int32 patch indices in
-    ascending order): every example hides exactly round(r·N) patches chosen uniformly."""
+def mask_from_noise(noise: jax.Array, ratio: float) -> tuple[jax.Array, jax.Array]:
+    """The mask that per-patch noise (B, N) makes, as MAE's random_masking makes it: the
+    patches in ascending order of their noise, the first int(N·(1 − r)) kept, the others
+    hidden. The same noise given to another implementation gives it the same mask.
+
+    Returns (mask (B, N) bool, True = hidden; visible (B, M) int32 patch indices, ascending)."""
+    batch, num_patches = noise.shape
     hidden = hidden_count(ratio, num_patches)
-    noise = jax.random.uniform(rng, (batch, num_patches))
-    visible = jnp.sort(jnp.argsort(noise, axis=1)[:, : num_patches - hidden], axis=1)
+    order = jnp.argsort(noise, axis=1)
+    visible = jnp.sort(order[:, : num_patches - hidden], axis=1).astype(jnp.int32)
     mask = jnp.ones((batch, num_patches), bool)
     mask = mask.at[jnp.arange(batch)[:, None], visible].set(False)
-    return mask, visible.astype(jnp.int32)
+    return mask, visible
+
+
+def random_mask(rng: jax.Array, batch: int, num_patches: int, ratio: float
+                ) -> tuple[jax.Array, jax.Array]:
+    """`mask_from_noise` of uniform noise drawn from `rng`: every example hides the same
+    number of patches (`hidden_count`), chosen uniformly."""
+    return mask_from_noise(jax.random.uniform(rng, (batch, num_patches)), ratio)
 
 
 class MaskedAutoencoder(nnx.Module):
@@ -179,16 +207,42 @@ class MaskedAutoencoder(nnx.Module):
                                     kernel_init=xavier_uniform(), dtype=dec.compute_dtype,
                                     param_dtype=pdt, rngs=rngs) if cfg.decoder_embed else None)
         if not cfg.mask_in_encoder:  # the decoder needs positions again (fixed, as MAE)
+            table_of = POSEMB_TABLES.get(enc.posemb, sincos_2d)  # the encoder's kind of table
             table = jnp.concatenate([jnp.zeros((1, dec.width)),
-                                     jnp.asarray(sincos_2d(*enc.grid, dec.width))])
+                                     jnp.asarray(table_of(*enc.grid, dec.width))])
             self.decoder_posemb = nnx.Variable(table[None])
         self.decoder = (CrateDecoder(dec, rngs=rngs) if enc.block == "crate"
                         else Encoder(dec, rngs=rngs))
-        self.decoder_norm = LayerNorm(dec.width, eps=dec.eps, dtype=jnp.float32,
+        # the encoder's final norm and this one are the size presets' norm_layer (eps 1e-6
+        # in every official preset), unlike the blocks' pre-norms
+        self.decoder_norm = LayerNorm(dec.width, eps=enc.final_eps, dtype=jnp.float32,
                                       param_dtype=pdt, rngs=rngs)
         self.pred = Dense(dec.width, cfg.patch_dim, axes=("embed", None),
                           kernel_init=xavier_uniform(), dtype=jnp.float32, param_dtype=pdt,
                           rngs=rngs)
+        if enc.block == "crate":
+            self._init_as_reference(rngs)
+
+    def _init_as_reference(self, rngs: nnx.Rngs) -> None:
+        """The official crate_ae's initialisation where it differs from the CRATE
+        classifier's: every nn.Linear xavier-uniform with a zero bias (the MSSA projections U
+        and U_out of encoder and decoder; the pixel head already is), the stem convolution
+        xavier-uniform over its (d, P²·C) view with torch's default conv bias U(±1/√(P²·C)),
+        the cls token N(0, 0.02). The ISTA and decoder dictionaries stay kaiming-uniform and
+        the mask token N(0, 0.02), as there."""
+        enc, stem = self.cfg.encoder, self.backbone.stem
+        xavier = jax.nn.initializers.xavier_uniform
+        draws = [(self.backbone.cls, normal(0.02))]
+        if enc.patch_stem == "conv":
+            draws.append((stem.kernel, xavier(in_axis=(0, 1, 2), out_axis=3)))
+            if stem.bias is not None:
+                draws.append((stem.bias, torch_default_bias(enc.patch_size ** 2 * enc.channels)))
+        for attn in (self.backbone.encoder.layers.attn, self.decoder.layers.attn):
+            draws += [(attn.proj, xavier(in_axis=1, out_axis=(2, 3), batch_axis=0)),
+                      (attn.out, xavier(in_axis=(1, 2), out_axis=3, batch_axis=0)),
+                      (attn.out_bias, zeros)]
+        for var, init in draws:
+            var[...] = init(rngs.params(), var[...].shape, var[...].dtype)
 
     def __call__(self, images: jax.Array, *, collect: bool = False):
         return self.backbone(images, collect=collect)
@@ -198,7 +252,11 @@ class MaskedAutoencoder(nnx.Module):
         features = self.backbone(images).astype(jnp.float32)
         return features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-6)
 
-    def _encode(self, images: jax.Array, mask: jax.Array, visible: jax.Array) -> jax.Array:
+    def encode_masked(self, images: jax.Array, mask: jax.Array,
+                      visible: jax.Array) -> jax.Array:
+        """H, the encoder's normalised output for masked images: (B, 1 + N, d) with the mask
+        tokens inside the encoder (the official forward_encoder's latent), (B, 1 + M, d) of
+        the visible patches otherwise."""
         backbone = self.backbone
         if self.cfg.mask_in_encoder:
             token = self.mask_token[...].astype(backbone.cfg.compute_dtype)
@@ -218,7 +276,7 @@ class MaskedAutoencoder(nnx.Module):
 
     def _decoder_input(self, images: jax.Array, mask: jax.Array,
                        visible: jax.Array) -> jax.Array:
-        h = self._encode(images, mask, visible)
+        h = self.encode_masked(images, mask, visible)
         if self.decoder_embed is not None:
             h = self.decoder_embed(h)
         if not self.cfg.mask_in_encoder:

@@ -1,7 +1,7 @@
 """The blocks: MSSA, ISTA (CRATE), ODL (CRATE-α), and the ViT MHSA/MLP for comparison.
 
 Row convention: a token is a row vector, a sequence Z ∈ R^{N×d}; tensors are (B, N, d).
-Each block applies its own pre-norm LayerNorm (DESIGN.md §1) and returns only its branch;
+Each block applies its own pre-norm LayerNorm (docs/design.md §1) and returns only its branch;
 the layers in `encoder.py` add residuals, DropPath and LayerScale.
 """
 
@@ -23,14 +23,16 @@ from crate_jax.models.layers import (
     torch_default_kernel,
     zeros,
 )
+from crate_jax.models.symmetric import gram, self_attention
 
 kaiming_uniform = jax.nn.initializers.kaiming_uniform
 
 # The values the remat policy 'minimal' (encoder.REMAT_POLICIES) keeps for the backward pass:
-# the products that cost a matmul to recompute. Everything else a layer computes (norms,
-# activations, ReLU masks, the softmax) is recomputed from them in the backward pass.
-SAVED_NAMES = ("attention_coords", "attention_out", "sparse_code", "odl_residual",
-               "mlp_hidden", "ista_matrix", "layer_mid")
+# the products that cost a matmul to recompute, and MSSA's softmax (symmetric.py's backward
+# pass reads it). Everything else a layer computes (norms, activations, ReLU masks, MHSA's
+# softmax) is recomputed from them in the backward pass.
+SAVED_NAMES = ("attention_coords", "attention_out", "attention_weights", "sparse_code",
+               "odl_residual", "mlp_hidden", "ista_matrix", "layer_mid")
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -86,7 +88,7 @@ class MSSA(nnx.Module):
     CRATE has the output bias b_out, CRATE-α does not. The layer adds the residual Z + O.
     Returns (O, attention maps (B, K, N, N) or None).
 
-    Initialisation as the references (DESIGN.md §1): CRATE's nn.Linear defaults, U(±1/√d)
+    Initialisation as the references (docs/design.md §1): CRATE's nn.Linear defaults, U(±1/√d)
     for U, U_out and b_out; CRATE-α's N(0, 0.02) for U and U_out.
     """
 
@@ -117,9 +119,12 @@ class MSSA(nnx.Module):
     def __call__(self, z: jax.Array, *, key_mask: jax.Array | None = None,
                  is_causal: bool = False, return_attention: bool = False):
         w = checkpoint_name(self.project(z), "attention_coords")
-        heads_out, attn = attend(w, w, w, key_mask=key_mask, is_causal=is_causal,
-                                 implementation=self.attention_impl,
-                                 return_weights=return_attention)
+        if return_attention or self.attention_impl == "cudnn":
+            heads_out, attn = attend(w, w, w, key_mask=key_mask, is_causal=is_causal,
+                                     implementation=self.attention_impl,
+                                     return_weights=return_attention)
+        else:  # query = key = value: a backward pass with one matmul fewer (symmetric.py)
+            heads_out, attn = self_attention(w, key_mask=key_mask, is_causal=is_causal), None
         heads_out = checkpoint_name(heads_out, "attention_out")
         o = jnp.einsum("nhk,hkd->nd", heads_out.reshape(-1, *heads_out.shape[-2:]),
                        self.out[...].astype(self.dtype)).reshape(z.shape)
@@ -136,8 +141,9 @@ class ISTA(nnx.Module):
            = ReLU( X·M − η·λ ),   M = I + η·(W − Wᵀ·W)
 
     The second form costs one d×d matmul per token instead of three (M costs 2d³ FLOPs once
-    per step); gradients reach W through M. There is no skip connection around ISTA: its
-    output replaces the tokens. Returns Z'.
+    per step); gradients reach W through M, the Gram matrix WᵀW's backward pass in one
+    matmul (symmetric.gram). There is no skip connection around ISTA: its output replaces the
+    tokens. Returns Z'.
     """
 
     def __init__(self, width: int, *, eta: float, lam: float, eps: float, dtype: jnp.dtype,
@@ -151,7 +157,7 @@ class ISTA(nnx.Module):
     def step_matrix(self) -> jax.Array:
         """M = I + η(W − WᵀW), formed in fp32."""
         w = self.weight[...].astype(jnp.float32)
-        m = jnp.eye(w.shape[0], dtype=jnp.float32) + self.eta * (w - w.T @ w)
+        m = jnp.eye(w.shape[0], dtype=jnp.float32) + self.eta * (w - gram(w))
         return checkpoint_name(m, "ista_matrix")
 
     def __call__(self, z_half: jax.Array) -> jax.Array:
@@ -248,14 +254,21 @@ class MLP(nnx.Module):
     (`approximate_gelu`, as CLIPA's text tower). Returns (O, hidden activations)."""
 
     def __init__(self, width: int, hidden: int, *, eps: float, dtype: jnp.dtype,
-                 param_dtype: jnp.dtype, rngs: nnx.Rngs, approximate_gelu: bool = False):
+                 param_dtype: jnp.dtype, rngs: nnx.Rngs, approximate_gelu: bool = False,
+                 init_std: float | None = None, out_init_std: float | None = None):
         self.dtype = dtype
         self.approximate_gelu = approximate_gelu
         self.norm = LayerNorm(width, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # ViT: xavier-uniform kernels, N(0, 1e-6) biases; with init_std (ToST, timm/nanoGPT
+        # style): N(0, init_std) kernels (fc2: out_init_std when given), zero biases
         kw = dict(kernel_init=jax.nn.initializers.xavier_uniform(), bias_init=normal(1e-6),
                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw2 = kw
+        if init_std is not None:
+            kw = {**kw, "kernel_init": normal(init_std), "bias_init": zeros}
+            kw2 = {**kw, "kernel_init": normal(out_init_std or init_std)}
         self.fc1 = Dense(width, hidden, axes=("embed", "mlp"), **kw)
-        self.fc2 = Dense(hidden, width, axes=("mlp", "embed"), **kw)
+        self.fc2 = Dense(hidden, width, axes=("mlp", "embed"), **kw2)
 
     def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
         pre = checkpoint_name(self.fc1(self.norm(z)), "mlp_hidden")

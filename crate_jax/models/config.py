@@ -9,7 +9,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-BLOCKS = ("crate", "crate_alpha", "vit")
+BLOCKS = ("crate", "crate_alpha", "vit", "tost")
 REMAT_POLICIES = ("none", "minimal", "dots", "full")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -30,7 +30,8 @@ def _check_choice(value, field: str, choices) -> None:
 class TowerConfig:
     """What every token encoder shares: the layer stack and its numerics.
 
-    block: 'crate' (MSSA + ISTA), 'crate_alpha' (MSSA + ODL) or 'vit' (MHSA + MLP).
+    block: 'crate' (MSSA + ISTA), 'crate_alpha' (MSSA + ODL), 'vit' (MHSA + MLP) or 'tost'
+      (TSSA + MLP, models/tssa.py; causal TSSA in a causal language model).
     """
 
     block: str
@@ -42,7 +43,7 @@ class TowerConfig:
     lam: float = 0.1  # sparsity penalty λ
     overcomplete_ratio: int = 4  # ODL dictionary size C (D ∈ R^{d×C·d})
     ista_steps: int = 2  # ODL unrolled ISTA steps
-    layer_norm_eps: float | None = None  # None: 1e-5 for CRATE, 1e-6 otherwise (DESIGN §1)
+    layer_norm_eps: float | None = None  # None: 1e-5 for CRATE, 1e-6 otherwise (docs/design.md §1)
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this at the last layer
     layer_scale_init: float | None = None  # None: no LayerScale
     dtype: str = "float32"  # compute dtype
@@ -79,23 +80,23 @@ class TowerConfig:
 
     # Fields that only some block families read: (field, families that use it, why not).
     _FAMILY_FIELDS = (
-        ("mlp_dim", ("vit",), "has no MLP: its sparse-coding step is ISTA (CRATE) or ODL "
-         "(CRATE-α, width overcomplete_ratio·width)"),
-        ("mlp_activation", ("vit",), "has no MLP activation: its sparse-coding step is ISTA "
-         "(CRATE) or ODL (CRATE-α), both ReLU thresholds"),
+        ("mlp_dim", ("vit", "tost"), "has no MLP: its sparse-coding step is ISTA (CRATE) or "
+         "ODL (CRATE-α, width overcomplete_ratio·width)"),
+        ("mlp_activation", ("vit", "tost"), "has no MLP activation: its sparse-coding step is "
+         "ISTA (CRATE) or ODL (CRATE-α), both ReLU thresholds"),
         ("overcomplete_ratio", ("crate_alpha",), "has no overcomplete dictionary (only "
          "CRATE-α's ODL does)"),
         ("ista_steps", ("crate_alpha",), "unrolls no ISTA steps (CRATE's ISTA block is one "
          "step; only CRATE-α's ODL unrolls several)"),
         ("eta", ("crate", "crate_alpha"), "has no ISTA step size"),
         ("lam", ("crate", "crate_alpha"), "has no sparsity penalty"),
-        ("layer_scale_init", ("crate_alpha", "vit"), "has no residual around its ISTA step, "
-         "so LayerScale cannot apply to every branch"),
+        ("layer_scale_init", ("crate_alpha", "vit", "tost"), "has no residual around its ISTA "
+         "step, so LayerScale cannot apply to every branch"),
     )
 
     def _check_family_fields(self) -> None:
         """A field the chosen block family does not read is an error, never silently
-        ignored (DESIGN.md §5): it names the field and the family."""
+        ignored (docs/design.md §5): it names the field and the family."""
         defaults = {f.name: f.default for f in dataclasses.fields(TowerConfig)}
         for name, families, why in self._FAMILY_FIELDS:
             if self.block not in families and getattr(self, name) != defaults[name]:
@@ -131,9 +132,16 @@ class VisionConfig(TowerConfig):
     channels: int = 3
     num_classes: int = 1000
     pool: str = "cls"  # 'cls' token, or 'gap'/'mean': mean of the tokens
-    posemb: str = "learn"  # 'learn' or fixed 'sincos2d' (CRATE-MAE; the CRATE classifier learns)
+    # 'learn', or fixed: 'sincos2d' (big_vision's table) or 'sincos2d_mae' (MAE's, CRATE-MAE)
+    posemb: str = "learn"
+    # 'linear' (CRATE's LN → Linear → LN on flattened patches) or 'conv' (a P×P stride-P
+    # convolution: CRATE-α, ViT, CRATE-MAE's encoder); None: 'linear' for 'crate', else 'conv'
+    stem: str | None = None
     stem_bias: bool = True  # bias of the convolutional stem (CRATE-α, ViT)
     head_norm_eps: float | None = None  # final LayerNorm eps; None = layer_norm_eps
+    # ViT register tokens (DINOv2's `register_tokens`): learned rows put after the cls token,
+    # with no position embedding; pooling skips them. 0: none (every other tool's layout).
+    registers: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -142,13 +150,27 @@ class VisionConfig(TowerConfig):
                f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
         _check(self.num_classes >= 0, "num_classes", f"must be ≥ 0, got {self.num_classes}")
         _check_choice(self.pool, "pool", ("cls", "gap", "mean"))
-        _check_choice(self.posemb, "posemb", ("learn", "sincos2d"))
-        if self.posemb == "sincos2d":
+        _check_choice(self.posemb, "posemb", ("learn", "sincos2d", "sincos2d_mae"))
+        if self.posemb != "learn":
             _check(self.width % 4 == 0, "width",
-                   f"sincos2d position embedding needs width divisible by 4, got {self.width}")
-        _check(self.stem_bias or self.block != "crate", "stem_bias",
-               "the 'crate' block's linear patch embedding always has a bias (DESIGN.md §1); "
-               "stem_bias applies to 'crate_alpha' and 'vit' only")
+                   f"{self.posemb} position embedding needs width divisible by 4, got "
+                   f"{self.width}")
+        _check_choice(self.stem, "stem", (None, "linear", "conv"))
+        _check(self.stem != "linear" or self.block == "crate", "stem",
+               f"the linear stem is CRATE's; the '{self.block}' block has the conv stem")
+        _check(self.stem_bias or self.patch_stem == "conv", "stem_bias",
+               "CRATE's linear patch embedding always has a bias (docs/design.md §1); stem_bias "
+               "applies to the conv stem only")
+        _check(self.registers >= 0, "registers", f"must be ≥ 0, got {self.registers}")
+        _check(self.registers == 0 or self.block == "vit", "registers",
+               f"register tokens apply to the 'vit' block only, got block={self.block!r}")
+
+    @property
+    def patch_stem(self) -> str:
+        """'linear' or 'conv': `stem`, or the family's when it is None."""
+        if self.stem is not None:
+            return self.stem
+        return "linear" if self.block == "crate" else "conv"
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from crate_jax.models.blocks import ISTA, MHSA, MLP, MSSA, ODL, SAVED_NAMES
 from crate_jax.models.config import TowerConfig
 from crate_jax.models.layers import LayerScale, StochasticDepth, drop_path
+from crate_jax.models.tssa import TSSA, CausalTSSA
 from crate_jax.parallel.sharding import constrain_to_batch
 
 LAYER_AXIS = "layers"  # the logical name of the stacked parameters' leading axis
@@ -63,20 +64,38 @@ def remat_body(body, remat: str):
     return nnx.remat(body, prevent_cse=False, policy=REMAT_POLICIES[remat])
 
 
-class Layer(nnx.Module):
-    """One layer, pre-norm, with the residuals of DESIGN.md §1:
+def tost_blocks(cfg: TowerConfig, kw: dict) -> tuple[nnx.Module, MLP]:
+    """ToST's (TSSA, MLP): causal TSSA with its per-position bias in a causal language model
+    (nanoGPT's init, the residual projections N(0, 0.02/√(2L))), else bidirectional TSSA
+    (timm's N(0, 0.02) on every Linear); zero biases. docs/design.md §1 "TSSA and ToST"."""
+    causal = bool(getattr(cfg, "causal", False))
+    out_std = 0.02 / (2 * cfg.depth) ** 0.5 if causal else 0.02
+    if causal:
+        attn = CausalTSSA(cfg.width, cfg.heads, context_length=cfg.context_length,
+                          out_init_std=out_std, **kw)
+    else:
+        attn = TSSA(cfg.width, cfg.heads, **kw)
+    mlp = MLP(cfg.width, cfg.hidden_dim, approximate_gelu=cfg.mlp_activation == "gelu_tanh",
+              init_std=0.02, out_init_std=out_std, **kw)
+    return attn, mlp
 
-        Z½ = Z + DropPath(LS₁(MSSA(Z)))          (ViT: MHSA)
+
+class Layer(nnx.Module):
+    """One layer, pre-norm, with the residuals of docs/design.md §1:
+
+        Z½ = Z + DropPath(LS₁(MSSA(Z)))          (ViT: MHSA; ToST: TSSA)
         CRATE:   Z' = ISTA(Z½)                   no skip connection around ISTA
         CRATE-α: Z' = Z½ + DropPath(LS₂(ODL(Z½)))
-        ViT:     Z' = Z½ + DropPath(LS₂(MLP(Z½)))
+        ViT:     Z' = Z½ + DropPath(LS₂(MLP(Z½)))       ToST: the same
     """
 
     def __init__(self, cfg: TowerConfig, *, rngs: nnx.Rngs):
         self.block = cfg.block
         kw = dict(eps=cfg.eps, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
                   rngs=rngs)
-        if cfg.block == "vit":
+        if cfg.block == "tost":
+            self.attn, self.sparse = tost_blocks(cfg, kw)
+        elif cfg.block == "vit":
             self.attn = MHSA(cfg.width, cfg.heads, attention_impl=cfg.attention_impl, **kw)
             self.sparse = MLP(cfg.width, cfg.hidden_dim,
                               approximate_gelu=cfg.mlp_activation == "gelu_tanh", **kw)

@@ -16,7 +16,7 @@ Masked LM (CRATE-BERT; BERT):
     logits = H·Eᵀ + b_V                     decoder tied to E, with an output bias
     pooled = tanh(Zᴸ[:, 0]·W_p + b_p)       optional (cfg.pooler), BERT's [CLS] pooler
 
-The layers are pre-norm (each block normalises its input, DESIGN.md §1). BERT is post-LN; here
+The layers are pre-norm (each block normalises its input, docs/design.md §1). BERT is post-LN; here
 its embedding LayerNorm becomes the final LayerNorm instead, so the parameter count is BERT's
 exactly (2L + 1 LayerNorms of width d either way). GPT-2 is pre-norm already: MHSA has biases
 on Q, K, V and the output, the MLP on both layers, exactly GPT-2's parameters.

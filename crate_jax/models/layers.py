@@ -162,9 +162,35 @@ def sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.0) 
     return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
 
 
+def mae_sincos_2d(height: int, width: int, dim: int) -> np.ndarray:
+    """MAE's fixed 2-D sin-cos table (height·width, dim), row-major grid: the CRATE-MAE
+    position table (docs/design.md §1). CRATE-α keeps `sincos_2d`.
+
+    ω_i = 10000^(−i/(dim/4)), i < dim/4 (the exponent divides by dim/4, where `sincos_2d`
+    divides by dim/4 − 1); for the cell at row y, column x:
+    [sin(xω), cos(xω), sin(yω), cos(yω)] — the column index first, as MAE's
+    meshgrid(w, h) grid gives it to the first half of the channels. Computed in float32
+    arithmetic, as MAE's NumPy code computes it, so that it is bitwise the table a released
+    checkpoint stores.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs width divisible by 4, got {dim}")
+    quarter = dim // 4
+    exponent = np.arange(quarter, dtype=np.float32) / np.float32(quarter)
+    omega = np.float32(1.0) / np.float32(10_000.0) ** exponent
+    y, x = np.mgrid[:height, :width].astype(np.float32)
+    x = x.reshape(-1, 1) * omega
+    y = y.reshape(-1, 1) * omega
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+
+
+POSEMB_TABLES = {"sincos2d": sincos_2d, "sincos2d_mae": mae_sincos_2d}
+
+
 class PositionEmbedding(nnx.Module):
     """The position table for [prefix tokens, patches]: learned (rows ~ N(0, std)) or fixed
-    2-D sin-cos with zero rows for the prefix (cls) tokens. Shape (1, prefix + N, d)."""
+    2-D sin-cos ('sincos2d': big_vision's, CRATE-α; 'sincos2d_mae': MAE's, CRATE-MAE) with
+    zero rows for the prefix (cls) tokens. Shape (1, prefix + N, d)."""
 
     def __init__(self, grid: tuple[int, int], width: int, *, kind: str, num_prefix: int = 1,
                  init_std: float = 0.02, param_dtype: jnp.dtype, rngs: nnx.Rngs):
@@ -172,13 +198,14 @@ class PositionEmbedding(nnx.Module):
         if kind == "learn":
             self.embedding = param(rngs, normal(init_std), (1, rows, width),
                                    (None, None, "embed"), param_dtype)
-        elif kind == "sincos2d":
+        elif kind in POSEMB_TABLES:
             # A Variable but not a Param: saved with the model, never trained or decayed.
             table = np.concatenate([np.zeros((num_prefix, width), np.float32),
-                                    sincos_2d(*grid, width)])
+                                    POSEMB_TABLES[kind](*grid, width)])
             self.embedding = nnx.Variable(jnp.asarray(table[None]))
         else:
-            raise ValueError(f"posemb must be 'learn' or 'sincos2d', got {kind!r}")
+            raise ValueError(f"posemb must be 'learn' or one of {sorted(POSEMB_TABLES)}, got "
+                             f"{kind!r}")
 
     def __call__(self) -> jax.Array:
         return self.embedding[...]

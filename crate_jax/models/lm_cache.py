@@ -36,6 +36,10 @@ Cache = dict[str, jax.Array]
 def init_cache(model: CausalLM, batch: int, length: int) -> Cache:
     """An all-zero cache of `length` positions (rows beyond the current one are masked)."""
     cfg = model.cfg
+    if cfg.block == "tost":  # its state is running sums, not keys: no cache of this kind
+        raise ValueError("block 'tost': causal TSSA keeps prefix statistics, not keys and "
+                         "values; it has no key-value cache (run the model on the whole "
+                         "prefix instead)")
     shape = (cfg.depth, batch, length, cfg.heads, cfg.width // cfg.heads)
     names = ("w",) if cfg.block != "vit" else ("k", "v")
     return {name: jnp.zeros(shape, cfg.compute_dtype) for name in names}

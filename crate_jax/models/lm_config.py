@@ -6,7 +6,8 @@ Names (case-insensitive): 'crate-gpt-{small,medium,large}' (MSSA + ISTA, causal)
 sparse code of "Improving Neuron-level Interpretability with White-box Language Models",
 arXiv 2410.12288), 'gpt2-{small,medium,large}' (the baseline: MHSA + GELU-tanh MLP),
 'crate-bert-{base,large}', 'crate-alpha-bert-{base,large}' and 'bert-{base,large}'
-(bidirectional, MLM head).
+(bidirectional, MLM head), 'tost-gpt-{base,medium,large}' (ToST: causal TSSA, arXiv 2412.17810;
+vocabulary 50,304 as nanoGPT pads it).
 
 GPT-2 sizes (width/depth/heads): small 768/12/12, medium 1024/24/16, large 1280/36/20; vocabulary
 50,257, context 1,024. BERT: base 768/12/12, large 1024/24/16; vocabulary 30,522 (uncased
@@ -25,11 +26,15 @@ from crate_jax.models.config import TowerConfig, _check
 LM_SIZES: dict[str, dict[str, tuple[int, int, int]]] = {
     "gpt": {"small": (768, 12, 12), "medium": (1024, 24, 16), "large": (1280, 36, 20)},
     "bert": {"base": (768, 12, 12), "large": (1024, 24, 16)},
+    # ToST's language models (tost_lang/config/train_tost_{base,medium,large}_ls.py)
+    "tost-gpt": {"base": (768, 12, 12), "medium": (1024, 24, 16), "large": (1280, 36, 20)},
 }
 # What every model of a kind starts from.
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt": dict(vocab_size=50_257, context_length=1024, causal=True),
     "bert": dict(vocab_size=30_522, context_length=512, causal=False, type_vocab_size=2),
+    # nanoGPT's GPTConfig: GPT-2's 50,257 tokens padded to 50,304 (a multiple of 64)
+    "tost-gpt": dict(vocab_size=50_304, context_length=1024, causal=True),
 }
 # family → (kind, block, family settings); overrides still win.
 LM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -41,9 +46,12 @@ LM_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "crate-alpha-bert": ("bert", "crate_alpha", dict(overcomplete_ratio=4, ista_steps=2)),
     # BERT: exact (erf) GELU, LayerNorm eps 1e-12
     "bert": ("bert", "vit", dict(layer_norm_eps=1e-12)),
+    # ToST-GPT: nanoGPT with causal TSSA; exact (erf) GELU, LayerNorm eps 1e-5, LayerScale
+    # γ init 1e-5 on both branches (tost_lang/model_TSSA.py)
+    "tost-gpt": ("tost-gpt", "tost", dict(layer_norm_eps=1e-5, layer_scale_init=1e-5)),
 }
 _LM_NAME = re.compile(r"^(?P<family>crate-alpha-gpt|crate-gpt|gpt2|crate-alpha-bert|crate-bert|"
-                      r"bert)-(?P<size>[a-z]+)$", re.IGNORECASE)
+                      r"bert|tost-gpt)-(?P<size>[a-z]+)$", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

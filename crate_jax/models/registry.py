@@ -3,8 +3,9 @@
 Names: "crate-b/16", "crate-alpha-l/14", "vit-b/16" (family-size/patch), and for text towers
 "text-b", "crate-alpha-text-b" (CLIP-style: causal, pooled at the end-of-text token) and
 "clipa-text-b/l/h" (the CRATE-α-CLIPA text towers: bidirectional, no padding mask, pooled at the
-last position, GELU-tanh MLP, 32 tokens of a 32,000-row table). Sizes are case-insensitive
-except where two differ only by case (CRATE-α and ViT "g" (giant) and "G" (gigantic)).
+last position, GELU-tanh MLP, 32 tokens of a 32,000-row table), and ToST "tost-{t,s}-12/16",
+"tost-{t,s,m,l}-24/16" (models/tost.py; "tost-gpt-*" are language models). Sizes are
+case-insensitive except where two differ only by case (CRATE-α and ViT "g" and "G").
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ from crate_jax.models.config import TextConfig, VisionConfig
 from crate_jax.models.language import create_lm
 from crate_jax.models.lm_config import available_lm
 from crate_jax.models.text import TextTransformer
+from crate_jax.models.tost import (
+    ToSTConfig,
+    ToSTVision,
+    available_tost,
+    is_tost_name,
+    tost_config_for,
+)
 from crate_jax.models.vision import VisionTransformer
 
 # size: (width, depth, heads[, mlp_dim])
@@ -58,15 +66,19 @@ _NAME = re.compile(r"^(?P<family>clipa-text|crate-alpha-text|crate-alpha|crate|v
                    r"(?P<size>[A-Za-z]+)(?:/(?P<patch>\d+))?$", re.IGNORECASE)
 
 
-# Masked autoencoders (autoencoder.py): 'crate-mae-b/16' (CRATE-MAE: the decoder mirrors the
-# encoder, DESIGN.md §1; ISTA λ = 0.5, LayerNorm eps 1e-6), 'vit-mae-b/16' (MAE's light decoder,
-# 512 wide, 8 deep, 16 heads). Both: fixed 2-D sin-cos position embedding, mean pooling.
+# Masked autoencoders (autoencoder.py): 'crate-mae-b/16' is the official crate_ae model
+# (docs/design.md §1): the decoder mirrors the encoder, conv stem without LayerNorm, MAE's sin-cos
+# table, ISTA λ = 0.5, block LayerNorms eps 1e-5 (torch's default) and the two final ones
+# 1e-6. 'vit-mae-b/16': MAE's light decoder, 512 wide, 8 deep, 16 heads, big_vision's sin-cos
+# table. Both pool the mean for their features.
 _MAE_NAME = re.compile(r"^(?P<family>crate|vit)-mae-(?P<size>[A-Za-z]+)/(?P<patch>\d+)$",
                        re.IGNORECASE)
 MAE_DECODER_FIELDS = ("decoder_width", "decoder_depth", "decoder_heads", "mask_in_encoder")
 MAE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "crate": dict(lam=0.5, layer_norm_eps=1e-6, mask_in_encoder=True),
-    "vit": dict(decoder_width=512, decoder_depth=8, decoder_heads=16, mask_in_encoder=False),
+    "crate": dict(lam=0.5, head_norm_eps=1e-6, stem="conv", posemb="sincos2d_mae",
+                  mask_in_encoder=True),
+    "vit": dict(posemb="sincos2d", decoder_width=512, decoder_depth=8, decoder_heads=16,
+                mask_in_encoder=False),
 }
 
 
@@ -77,7 +89,7 @@ def available() -> list[str]:
     names += [f"{fam}-mae-{size}/P" for fam in MAE_DEFAULTS for size in VISION_SIZES[fam]]
     names += [f"{fam}-{size}" for fam in FAMILIES if "text" in fam
               for size in _text_sizes(fam)]
-    return names + available_lm()
+    return names + available_tost() + available_lm()
 
 
 def is_language_model(name: str) -> bool:
@@ -100,7 +112,7 @@ def mae_config_for(name: str, **overrides) -> MAEConfig:
     fields = {**MAE_DEFAULTS[family], **overrides}
     decoder = {k: fields.pop(k) for k in MAE_DECODER_FIELDS if k in fields}
     encoder = config_for(f"{family}-{match['size']}/{match['patch']}",
-                         **{"num_classes": 0, "posemb": "sincos2d", "pool": "gap", **fields})
+                         **{"num_classes": 0, "pool": "gap", **fields})
     for key, value in (("width", encoder.width), ("depth", encoder.depth),
                        ("heads", encoder.heads)):  # CRATE-MAE: the decoder mirrors the encoder
         decoder.setdefault(f"decoder_{key}", value)
@@ -123,6 +135,8 @@ def _size(table: dict, size: str, name: str) -> tuple:
 
 def config_for(name: str, **overrides) -> VisionConfig | TextConfig:
     """The validated configuration for a registry name, with field overrides applied."""
+    if is_tost_name(name):
+        return tost_config_for(name, **overrides)
     match = _NAME.match(name.strip())
     if not match:
         raise ValueError(f"unknown model name {name!r}; known models: {', '.join(available())}")
@@ -152,6 +166,10 @@ def config_for(name: str, **overrides) -> VisionConfig | TextConfig:
 def preset_fields(name: str) -> dict[str, Any]:
     """The fields a registry name sets before any override: its size and its family's
     defaults (e.g. clipa-text-h: width 1024, ..., pool 'last', vocab_size 32000)."""
+    if is_tost_name(name):
+        cfg = tost_config_for(name)
+        return dict(width=cfg.width, depth=cfg.depth, heads=cfg.heads,
+                    layer_scale_init=cfg.layer_scale_init)
     match = _NAME.match(name.strip())
     if not match:
         raise ValueError(f"unknown model name {name!r}; known models: {', '.join(available())}")
@@ -165,6 +183,8 @@ def build(cfg: VisionConfig | TextConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     """The module for a configuration."""
     if isinstance(cfg, TextConfig):
         return TextTransformer(cfg, rngs=rngs)
+    if isinstance(cfg, ToSTConfig):
+        return ToSTVision(cfg, rngs=rngs)
     return VisionTransformer(cfg, rngs=rngs)
 
 

@@ -1,11 +1,11 @@
-"""Carry a pretrained checkpoint to a new resolution or patch size (DESIGN.md §4, §5).
+"""Carry a pretrained checkpoint to a new resolution or patch size (docs/design.md §4, §5).
 
 Three pieces:
 
 * `resize_posemb` — a learned position table (1, prefix + H·W, d). The prefix (cls) rows are
   kept apart, the H·W patch rows are laid back out as the (H, W, d) grid they index (row-major,
   as `patchify` orders the patches) and resized in 2-D. The reference code instead interpolated
-  the flattened sequence, cls row included, in 1-D (DESIGN.md §5); that mixes the cls row into
+  the flattened sequence, cls row included, in 1-D (docs/design.md §5); that mixes the cls row into
   the first patches and mixes the end of one grid row into the start of the next.
 
 * `resize_patch_kernel` — the (P, P, C, d) convolution stem kernel, by FlexiViT's pseudo-inverse

@@ -1,5 +1,5 @@
 """SimDINO's student and teacher ("Simplifying DINO via Coding Rate Regularization",
-arXiv 2502.10385; DESIGN.md §1, "Other members of the family").
+arXiv 2502.10385; docs/design.md §1, "Other members of the family").
 
     f = backbone(x)                                 pooled features (B, d): any registry image
                                                     model without head (CRATE, CRATE-α, ViT)

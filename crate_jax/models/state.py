@@ -26,3 +26,25 @@ def merge_model(graphdef: nnx.GraphDef, params: dict, rest: nnx.State, *,
     else:
         model.eval()
     return model
+
+
+def batch_stats_of(model: nnx.Module) -> dict:
+    """The model's nnx.BatchStat values (BatchNorm running statistics) as a pure nested dict;
+    {} for a model without any."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+
+def split_batch_stats(rest: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(the nnx.BatchStat part, everything else) of a model's non-parameter state."""
+    return nnx.split_state(rest, nnx.BatchStat, ...)
+
+
+def with_batch_stats(rest: nnx.State, stats: dict | None) -> nnx.State:
+    """`rest` with its nnx.BatchStat values replaced by `stats` (a pure dict such as the train
+    state's 'batch_stats'); `rest` itself when `stats` is None or empty."""
+    if not stats:
+        return rest
+    batch, other = split_batch_stats(rest)
+    batch = jax.tree.map(lambda x: x, batch)  # a copy: the caller's state stays as it was
+    nnx.replace_by_pure_dict(batch, stats)
+    return nnx.merge_state(batch, other)

@@ -1,7 +1,7 @@
 """Image models: CRATE, CRATE-α and ViT share one class; `cfg.block` picks the family.
 
     CRATE:    E  = LN(LN(patchify(x))·W + b)                   linear stem
-    CRATE-α:  E  = Conv_P(x)                                   ViT: the same
+    CRATE-α:  E  = Conv_P(x)                                   ViT, CRATE-MAE: the same
               Z⁰ = [cls; E] + P                                P learned, or 2-D sin-cos
               Zᴸ = Encoder(Z⁰)                                 L layers (encoder.py)
     CRATE:    y  = Head(LN(pool(Zᴸ)))                          norm after pooling (reference)
@@ -9,7 +9,8 @@
 
 pool is the cls token, or the mean ('gap'/'mean': over all tokens for CRATE as its reference
 does, over the patch tokens for CRATE-α and ViT). With num_classes=0 there is no head and
-the model returns the pooled features (an image tower).
+the model returns the pooled features (an image tower). A ViT may carry DINOv2's register
+tokens (`registers`): learned rows after the cls token, without position, skipped by pooling.
 """
 
 from __future__ import annotations
@@ -43,16 +44,21 @@ class VisionTransformer(nnx.Module):
         self.cfg = cfg
         dt, pdt = cfg.compute_dtype, cfg.storage_dtype
         d = cfg.width
-        if cfg.block == "crate":
+        if cfg.patch_stem == "linear":
             self.stem = LinearPatchStem(cfg.patch_size, cfg.channels, d, eps=cfg.eps, dtype=dt,
                                         param_dtype=pdt, rngs=rngs)
-            cls_std, pos_std = 1.0, 1.0  # the reference draws both from torch.randn
         else:
             self.stem = ConvPatchStem(cfg.patch_size, cfg.channels, d, use_bias=cfg.stem_bias,
                                       dtype=dt, param_dtype=pdt, rngs=rngs,
-                                      kaiming=cfg.block == "crate_alpha")
+                                      kaiming=cfg.block in ("crate_alpha", "crate"))
+        if cfg.block == "crate":
+            cls_std, pos_std = 1.0, 1.0  # the reference draws both from torch.randn
+        else:
             cls_std, pos_std = 1e-6, 0.02
         self.cls = param(rngs, normal(cls_std), (1, 1, d), (None, None, "embed"), pdt)
+        # DINOv2's register tokens, drawn as it draws them (N(0, 1e-6))
+        self.registers = (param(rngs, normal(1e-6), (1, cfg.registers, d),
+                                (None, None, "embed"), pdt) if cfg.registers else None)
         self.posemb = PositionEmbedding(cfg.grid, d, kind=cfg.posemb, init_std=pos_std,
                                         param_dtype=pdt, rngs=rngs)
         self.encoder = Encoder(cfg, rngs=rngs)
@@ -69,12 +75,13 @@ class VisionTransformer(nnx.Module):
     def embed(self, images: jax.Array, patch_keep: jax.Array | None = None,
               patch_fill: tuple[jax.Array, jax.Array] | None = None, *,
               any_size: bool = False) -> jax.Array:
-        """Z⁰ = [cls; E] + P, (B, 1 + N, d). `patch_keep` (B, M) keeps only those patches
-        (after their position embedding is added): CLIPA-style token dropping, and MAE's
-        visible patches. `patch_fill` = (mask (B, N) bool, token (1, 1, d)) puts the token in
-        place of the masked patches' embeddings, before P is added (CRATE-MAE). `any_size`
-        accepts any image side that the patch divides, the position table resized in 2-D
-        (bilinear) to its grid: DINO's smaller local views."""
+        """Z⁰ = [cls; E] + P, (B, 1 + N, d); with R register tokens (ViT, `registers`)
+        [cls + P₀; reg₁ … reg_R; E + P₁:], (B, 1 + R + N, d). `patch_keep` (B, M) keeps only
+        those patches (after their position embedding is added): CLIPA-style token dropping,
+        and MAE's visible patches. `patch_fill` = (mask (B, N) bool, token (1, 1, d)) puts
+        the token in place of the masked patches' embeddings, before P is added (CRATE-MAE).
+        `any_size` accepts any image side that the patch divides, the position table resized
+        in 2-D (bilinear) to its grid: DINO's smaller local views."""
         cfg = self.cfg
         side = images.shape[1]
         other_size = (any_size and images.shape[1] == images.shape[2]
@@ -95,7 +102,11 @@ class VisionTransformer(nnx.Module):
             patches = jnp.take_along_axis(patches, patch_keep[..., None], axis=1)
         cls = jnp.broadcast_to(self.cls[...].astype(patches.dtype) + table[:, :1],
                                (patches.shape[0], 1, cfg.width))
-        return jnp.concatenate([cls, patches], axis=1)
+        tokens = [cls, patches]
+        if self.registers is not None:  # after cls, with no position (DINOv2)
+            tokens.insert(1, jnp.broadcast_to(self.registers[...].astype(patches.dtype),
+                                              (patches.shape[0], cfg.registers, cfg.width)))
+        return jnp.concatenate(tokens, axis=1)
 
     def encode(self, images: jax.Array, *, patch_keep: jax.Array | None = None,
                patch_fill: tuple[jax.Array, jax.Array] | None = None, collect: bool = False,
@@ -112,16 +123,26 @@ class VisionTransformer(nnx.Module):
     def pool(self, tokens: jax.Array) -> jax.Array:
         if self.cfg.pool == "cls":
             return tokens[:, 0]
-        return tokens.mean(1) if self.cfg.block == "crate" else tokens[:, 1:].mean(1)
+        if self.cfg.block == "crate":
+            return tokens.mean(1)
+        return tokens[:, 1 + self.cfg.registers:].mean(1)  # the patch tokens
+
+    def head_input(self, tokens: jax.Array) -> jax.Array:
+        """The pooled, normalised representation the head reads, (B, d), from the tokens."""
+        if self.cfg.block == "crate":
+            return self.norm(self.pool(tokens))
+        return self.pool(self.norm(tokens))
+
+    def features(self, images: jax.Array) -> jax.Array:
+        """head_input of the images in float32: the frozen feature that probes read (for a
+        DINO ViT, the cls token after the final norm, as its eval_knn.py takes it)."""
+        return self.head_input(self.encode(images)[0]).astype(jnp.float32)
 
     def __call__(self, images: jax.Array, *, patch_keep: jax.Array | None = None,
                  collect: bool = False, any_size: bool = False):
         z, inter = self.encode(images, patch_keep=patch_keep, collect=collect,
                                any_size=any_size)
-        if self.cfg.block == "crate":
-            features = self.norm(self.pool(z))
-        else:
-            features = self.pool(self.norm(z))
+        features = self.head_input(z)
         out = features if self.head is None else self.head(features)
         out = out.astype(jnp.float32)
         return (out, inter) if collect else out

@@ -71,7 +71,14 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
 
 def _slice_count(devices: Sequence[jax.Device]) -> int | None:
     """How many slices the devices span (their slice_index), None when that says nothing:
-    no slice_index (CPU), or one slice of a platform other than TPU (one GPU host)."""
+    no slice_index (CPU), or one slice of a platform other than TPU (one GPU host).
+
+    GPUs of a multi-process run: XLA's global topology gives every device of one host (one
+    /proc boot id) the same slice_index and each further host the next one, unless every
+    process sets it (jax.distributed.initialize(partition_index=...) or JAX_PARTITION_INDEX)
+    (xla/pjrt/distributed/topology_util.cc, BuildGlobalTopology). So N GPU nodes are N slices
+    and need mesh.dcn=N (launch/gpu/slurm.sbatch sets it); processes sharing a host share one.
+    """
     if not all(hasattr(d, "slice_index") for d in devices):
         return None
     slices = len({d.slice_index for d in devices})

@@ -19,15 +19,18 @@ from flax import nnx
 
 from crate_jax import models
 from crate_jax.data import image_text
+from crate_jax.data import images as image_data
 from crate_jax.evals import clip as clip_evals
+from crate_jax.evals.embedding import CLIP_MEAN, CLIP_STD
 from crate_jax.models.clip import CLIP, ClipConfig
 from crate_jax.tasks import token_reduction
 from crate_jax.tasks.base import Task
 from crate_jax.tasks.classification import normalize
 from crate_jax.tasks.contrastive_loss import contrastive_loss
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Evaluation images: the short side resized to the image size, no margin cropped (CLIP's and
+# the CRATE-α-CLIPA release's); data.eval_crop_fraction / data.eval_interpolation override it.
+EVAL_CROP_DEFAULT = 1.0
 
 
 def tokenizer_fields(text: str, overrides: dict) -> set[str]:
@@ -125,6 +128,39 @@ class ContrastiveTask(Task):
     def loss(self, model, batch, rng):
         return self.features_loss(model, self.features(model, batch, rng), rng)
 
+    eval_crop_default = EVAL_CROP_DEFAULT
+
+    def eval_protocol(self, spec) -> dict:
+        """The data set and image preprocessing of an evaluator spec, for its protocol."""
+        data = self.config.data
+        crop, interpolation = image_data.eval_resize_settings(data, EVAL_CROP_DEFAULT)
+        if spec.source == "tfds":
+            where = f"tfds {spec.name} {spec.get('split', 'test')}"
+        else:
+            where = f"{spec.source} {spec.get('split', 'test')}"
+        if spec.get("num_examples"):
+            where += f" (first {spec.num_examples})"
+        return {"data": where, **clip_evals.preprocessing_protocol(
+            data.image_size, crop, interpolation, data.get("mean", CLIP_MEAN),
+            data.get("std", CLIP_STD), generated=spec.source == "synthetic_captions")}
+
+    def _zeroshot(self, name, spec, batches, tokenize):
+        if spec.source == "tfds" and spec.get("name") == "imagenet2012" \
+                and not spec.get("class_names"):
+            names, subset = clip_evals.imagenet_class_names(), None
+            source = "OpenAI CLIP's 1,000 curated ImageNet names"
+            default_templates = clip_evals.IMAGENET_TEMPLATES
+        else:
+            names, subset = image_text.class_names(spec)
+            source = spec.get("class_names") or f"{spec.source}'s own"
+            default_templates = clip_evals.SIMPLE_TEMPLATES
+        templates = spec.get("templates") or default_templates
+        protocol = {**self.eval_protocol(spec), "class names": source,
+                    "template set": templates}
+        return clip_evals.ZeroShotEvaluator(
+            name, batches, names, tokenize, clip_evals.read_templates(templates),
+            self.preprocess, eval_classes=subset, protocol=protocol)
+
     def evaluators(self):
         specs = self.config.get("evals") or {}
         data = self.config.data
@@ -146,18 +182,22 @@ class ContrastiveTask(Task):
                 logging.warning("evals.%s skipped: %s", name, e)
                 continue
             if spec.kind == "zeroshot":
-                class_names, eval_classes = image_text.class_names(spec)
-                out.append(clip_evals.ZeroShotEvaluator(
-                    name, batches, class_names, tokenize,
-                    clip_evals.read_templates(spec.get("templates")), self.preprocess,
-                    eval_classes=eval_classes))
+                out.append(self._zeroshot(name, spec, batches, tokenize))
             elif spec.kind == "retrieval":
-                out.append(clip_evals.RetrievalEvaluator(name, batches, self.preprocess))
+                protocol = {**self.eval_protocol(spec),
+                            "captions per image": f"the first {image_text.captions_per_image(spec)}"
+                                                  " as stored"}
+                out.append(clip_evals.RetrievalEvaluator(name, batches, self.preprocess,
+                                                         protocol=protocol))
             elif spec.kind == "probe":
                 train = image_text.eval_batches_factory(spec, data, per_process,
                                                         split=spec.train_split)
+                protocol = {**self.eval_protocol(spec), "train split": spec.train_split,
+                            "feature": "image embedding (the image tower's pooled output, "
+                                       "projected)"}
                 out.append(clip_evals.ProbeEvaluator(name, train, batches, self.preprocess,
-                                                     num_classes=spec.num_classes))
+                                                     num_classes=spec.get("num_classes"),
+                                                     protocol=protocol))
             else:
                 raise ValueError(f"evals.{name}.kind: {spec.kind!r}; use 'zeroshot', "
                                  "'retrieval' or 'probe'")

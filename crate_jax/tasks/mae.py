@@ -1,10 +1,12 @@
 """Masked autoencoding (CRATE-MAE, ViT-MAE) on images without labels.
 
-    m, visible = random_mask(rng, B, N, r)       r = config.mask_ratio (0.75)
+    m, visible = random_mask(rng, B, N, r)       r = config.mask_ratio (0.75); hides
+                                                 N − int(N·(1 − r)) patches of each image
     Ŷ = model.reconstruct(x, m, visible)         (B, N, P²·C)
     Y = patchify(x)                              normalised-image units; with
-        config.norm_pix_loss each patch is standardised, (Y − mean_p)/√(var_p + 1e-6)
-    loss = Σ_i m_i · mean_j (Ŷ_ij − Y_ij)² / Σ_i m_i     masked patches only
+        config.norm_pix_loss each patch is standardised, (Y − mean_p)/√(var_p + 1e-6),
+        var_p torch's unbiased variance (ddof 1) as the official code takes it
+    loss = Σ_i m_i · mean_j (Ŷ_ij − Y_ij)² / Σ_i m_i     masked patches of the whole batch
 
 Mask tokens in or out of the encoder is the model's `mask_in_encoder` (config.model.overrides).
 Evaluators (config.evals): 'reconstruction' (held-out masked-patch loss, next to predicting each
@@ -24,7 +26,7 @@ from crate_jax import config_utils, models
 from crate_jax.data import images as image_data
 from crate_jax.data import pipeline
 from crate_jax.evals.clip import ProbeEvaluator
-from crate_jax.evals.reconstruction import ReconstructionEvaluator, masked_mse, with_index
+from crate_jax.evals.reconstruction import ReconstructionEvaluator, with_index
 from crate_jax.models.autoencoder import hidden_count, random_mask
 from crate_jax.models.layers import patchify
 from crate_jax.tasks.base import Task
@@ -34,13 +36,22 @@ MASK_STREAM = 0x4D41  # folded into the step's key: the mask draws apart from dr
 
 
 def patch_targets(images: jax.Array, patch: int, norm_pix: bool) -> jax.Array:
-    """(B, N, P²·C) pixel targets of normalised images, per-patch standardised if norm_pix."""
+    """(B, N, P²·C) pixel targets of normalised images, per-patch standardised if norm_pix
+    (with the unbiased variance, ddof 1, plus 1e-6: torch's Tensor.var, as MAE takes it)."""
     target = patchify(images.astype(jnp.float32), patch)
     if norm_pix:
         mean = target.mean(-1, keepdims=True)
-        var = target.var(-1, keepdims=True)
+        var = target.var(-1, keepdims=True, ddof=1)
         target = (target - mean) / jnp.sqrt(var + 1e-6)
     return target
+
+
+def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+    """The official loss: the per-patch MSE (mean over a patch's P²·C values) summed over
+    the hidden patches of the whole batch, divided by their number."""
+    per_patch = jnp.square(pred - target).mean(-1)
+    weights = mask.astype(jnp.float32)
+    return (per_patch * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
 class MAETask(Task):
@@ -81,7 +92,7 @@ class MAETask(Task):
         mask, visible = random_mask(jax.random.fold_in(rng, MASK_STREAM), images.shape[0],
                                     enc.num_patches, self.config.get("mask_ratio", 0.75))
         pred, target = self.reconstruction(model, images, mask, visible)
-        loss = masked_mse(pred, target, mask).mean()
+        loss = mae_loss(pred, target, mask)
         return loss, {"visible_mse": (jnp.square(pred - target).mean(-1) * ~mask).sum()
                       / jnp.maximum((~mask).sum(), 1)}
 

@@ -33,7 +33,8 @@ from jax.experimental import multihost_utils
 
 from crate_jax.models import layer_stack
 from crate_jax.parallel.mesh import process_files_suffix
-from crate_jax.train.state_digest import compare_digests, state_digest
+from crate_jax.train.state_digest import compare_digests, first_non_finite, state_digest
+from crate_jax.train.workdir import RunFailed, remove_partial_saves
 
 _STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
@@ -190,7 +191,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | epath.Path, *, keep: int = 2, keep_best: int = 1,
                  best_metric: str | None = None, best_mode: str = "max",
-                 async_save: bool = True):
+                 async_save: bool = True, remove_partial: bool = False):
         if best_mode not in ("max", "min"):
             raise ValueError(f"checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}")
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]
@@ -200,8 +201,12 @@ class Checkpointer:
                 n=keep_best, keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=async_save, create=True)
+            enable_async_checkpointing=async_save, create=True,
+            # the temporary folders of a save cut off by a crash or a full disk (the trainer's
+            # checkpointer, once its start has passed every check: this writes)
+            cleanup_tmp_directories=remove_partial)
         self.best_metric = best_metric
+        self._saving = -1  # the step of the latest save started (named if it fails)
         self.manager = ocp.CheckpointManager(
             epath.Path(directory), options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": DataStateHandler(),
@@ -223,10 +228,39 @@ class Checkpointer:
                             "kept as a best checkpoint", step, self.best_metric,
                             metrics[self.best_metric])
             metrics = None
+        self._saving = step
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=DataStateSave(data_iterator),
             digest=ocp.args.JsonSave(state_digest(state))),
             metrics=metrics, force=True)
+
+    def save_or_fail(self, step: int, state: Any, data_iterator: Any,
+                     metrics: dict[str, float] | None = None) -> int:
+        """save(), with a failure (a full disk: ENOSPC, here or from the previous
+        asynchronous save) turned into RunFailed by `_failed`. Returns `step`."""
+        try:  # the previous asynchronous save's failure is reported as that save's
+            self.manager.wait_until_finished()
+        except Exception as e:
+            self._failed(self._saving, e)
+        try:
+            self.save(step, state, data_iterator, metrics=metrics)
+        except Exception as e:
+            self._failed(step, e)
+        return step
+
+    def _failed(self, step: int, error: BaseException) -> None:
+        """Remove the partial save's temporary folders and raise one line naming the
+        directory, the cause and the last complete checkpoint (the one a rerun resumes)."""
+        directory = self.manager.directory
+        remove_partial_saves(directory)
+        good = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()
+                      and (p / "state" / "_METADATA").exists()) if directory.exists() else []
+        last = (f"the last good checkpoint is step {good[-1]}" if good else
+                "no checkpoint was completed")
+        raise RunFailed(
+            f"saving the checkpoint of step {step} in {directory} failed "
+            f"({_fault(directory, error)}); {last}. Free space (or fix the cause) and rerun "
+            "the same command to resume.") from error
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
         """Restore step `step` into the shardings of `abstract_state` (a tree of
@@ -248,6 +282,9 @@ class Checkpointer:
             problem = compare_digests(restored["digest"], state_digest(restored["state"]))
             if problem:
                 raise CheckpointDamagedError(f"{step_dir}: {problem}")
+        bad = first_non_finite(restored["state"])
+        if bad:  # never saved by the trainer (it checks first): written by another program
+            raise CheckpointDamagedError(f"{step_dir}: {bad} holds a non-finite value")
         state = (_stacked_into(restored["state"], abstract_state) if per_layer
                  else restored["state"])
         if data_iterator is not None:
@@ -287,12 +324,30 @@ class Checkpointer:
                             step_dir, error)
             faults.append((step, error))
         if faults:
-            listing = "\n".join(f"  {self.manager.directory / str(s)}: {e}" for s, e in faults)
-            raise CheckpointDamagedError(
-                f"none of the {len(faults)} checkpoints in {self.manager.directory} can be "
-                f"restored; they were left in place:\n{listing}\nIf the config changed, use the "
-                "original one; to start over, move the checkpoints directory away.")
+            raise self._none_restorable(faults)
         return None, None
+
+    def _none_restorable(self, faults: list[tuple[int, str]]) -> CheckpointDamagedError:
+        listing = "\n".join(f"  {self.manager.directory / str(s)}: {e}" for s, e in faults)
+        return CheckpointDamagedError(
+            f"none of the {len(faults)} checkpoints in {self.manager.directory} can be "
+            f"restored; they were left in place:\n{listing}\nIf the config changed, use the "
+            "original one; to start over, move the checkpoints directory away.")
+
+    def check_any_complete(self) -> None:
+        """Raise CheckpointDamagedError (as restore_latest would, but before anything is
+        compiled or written) when checkpoints exist and none of them is even complete (empty
+        step folders, no state/_METADATA: a cut copy); reads no array."""
+        faults = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            step_dir = self.manager.directory / str(step)
+            try:
+                _check_complete(step_dir)
+                return
+            except CheckpointDamagedError as e:
+                faults.append((step, _fault(step_dir, e)))
+        if faults:
+            raise self._none_restorable(faults)
 
     def check_same_model(self, abstract_state: Any) -> None:
         """Raise CheckpointModelMismatchError, before any array is read, when the newest
@@ -383,9 +438,37 @@ class Checkpointer:
                                                              sharding=sharding), saved)
         return self.restore_param_subset(step, target)
 
+    def restore_batch_stats(self, step: int | None,
+                            sharding: jax.sharding.Sharding) -> dict:
+        """The BatchNorm running statistics ('batch_stats', models with BatchNorm such as
+        ToST) of a checkpoint, placed with `sharding`; {} when it holds none."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
+        saved = self.manager.item_metadata(step)["state"]
+        if "batch_stats" not in saved:
+            return {}
+        item = {"batch_stats": jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+            dict(saved["batch_stats"]))}
+        restore_args = jax.tree.map(
+            lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
+                                           dtype=s.dtype), item)
+        path = ocp.step.find_step_path(self.manager.directory, ocp.step.standard_name_format(),
+                                       step=step) / "state"
+        restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+            path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                              partial_restore=True))
+        return restored["batch_stats"]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the last (asynchronous) save; its failure raises RunFailed (`_failed`)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            self.manager.close()
+            self._failed(self._saving, e)
         self.manager.close()

@@ -11,9 +11,34 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """A log file that, when a write fails (a full disk), says so once on stderr and stops
+    writing, instead of a "--- Logging error ---" traceback for every later record."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord | None) -> None:
+        if not self.failed:
+            self.failed = True
+            error = sys.exc_info()[1]
+            print(f"warning: the log file {self.baseFilename} can no longer be written "
+                  f"({error}); logging to it stops", file=sys.stderr, flush=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # what is still buffered cannot be written either
+            self.handleError(None)
 
 
 class DeferredFileHandler(logging.Handler):
@@ -23,7 +48,7 @@ class DeferredFileHandler(logging.Handler):
         super().__init__(logging.INFO)
         self.setFormatter(logging.Formatter(_FORMAT))
         self._buffer: list[logging.LogRecord] = []
-        self._file: logging.FileHandler | None = None
+        self._file: _QuietFileHandler | None = None
         self.path: str | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -34,7 +59,7 @@ class DeferredFileHandler(logging.Handler):
 
     def open(self, path: str) -> str:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._file = logging.FileHandler(path)
+        self._file = _QuietFileHandler(path)
         self._file.setFormatter(self.formatter)
         self.path = path
         for record in self._buffer:

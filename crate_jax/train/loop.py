@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 from typing import Any
@@ -30,6 +29,7 @@ from etils import epath
 
 from crate_jax import config_check
 from crate_jax.models import layer_stack
+from crate_jax.models.state import with_batch_stats
 from crate_jax.parallel import (
     DEFAULT_RULES,
     format_undivided,
@@ -38,61 +38,20 @@ from crate_jax.parallel import (
     maybe_initialize_distributed,
 )
 from crate_jax.parallel.sharding import data_parallel_size
+from crate_jax.perf import StepFlops
 from crate_jax.train import logfile, signals
+from crate_jax.train import workdir as workdir_files
 from crate_jax.train.checkpoint import Checkpointer
 from crate_jax.train.finetune import check_init_from, finetune_params, load_towers
+from crate_jax.train.lock import WorkdirLock
 from crate_jax.train.metrics import MetricWriter, Throughput, progress_line
+from crate_jax.train.run_config import (  # noqa: F401 (RESUME_SAFE_KEYS: part of this API)
+    RESUME_SAFE_KEYS,
+    check_workdir_config,
+    save_workdir_config,
+)
 from crate_jax.train.state import TrainState, build_train_state
 from crate_jax.train.step import group_counts
-
-# Settings that may change when a run resumes; any other difference is an error. Raising
-# total_steps extends a run: the learning-rate schedule stays the one optim.total_steps
-# defines (steps past its end run at optim.end_lr).
-RESUME_SAFE_KEYS = ("total_steps", "log_every", "eval_every", "checkpoint.every", "profile",
-                    "wandb_project", "tensorboard", "measure_flops", "data.num_workers",
-                    "checkpoint.keep", "checkpoint.async_save", "eval_batch_size")
-
-
-# Keys added since runs were first written, at the value that means what their absence
-# meant: a saved config without them resumes.
-ADDED_KEY_DEFAULTS = {"mesh.dcn": 1}
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def check_workdir_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
-    """The resolved config as JSON; if `workdir` holds a run already, refuse a different one
-    (apart from RESUME_SAFE_KEYS). Writes nothing."""
-    resolved = json.loads(config.to_json_best_effort(sort_keys=True))
-    path = workdir / "config.json"
-    if path.exists():
-        saved = _flatten(json.loads(path.read_text()))
-        new = _flatten(resolved)
-        for key, default in ADDED_KEY_DEFAULTS.items():
-            if key not in saved and new.get(key) == default:
-                saved[key] = default
-        differs = sorted(k for k in set(saved) | set(new)
-                         if saved.get(k) != new.get(k)
-                         and not any(k == s or k.startswith(s + ".") for s in RESUME_SAFE_KEYS))
-        if differs:
-            details = "; ".join(f"{k}: {saved.get(k)!r} → {new.get(k)!r}" for k in differs[:8])
-            raise ValueError(f"workdir {workdir} holds a run with a different config ({details}). "
-                             "Use a new --workdir, or the original settings to resume.")
-    return resolved
-
-
-def save_workdir_config(resolved: dict, workdir: epath.Path) -> None:
-    """Create the workdir and write config.json (process 0; the latest settings win)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
 
 
 def _check_batch(config, mesh, rules) -> int:
@@ -155,12 +114,18 @@ def _check_finite(metrics: dict, step: int, state: dict, last_saved: int | None)
     where = _first_non_finite(state["params"])
     where = (f"parameter {where}" if where else
              f"optimizer state {_first_non_finite(state['opt_state']) or '(none found)'}")
-    last = (f"The last good checkpoint is step {last_saved}; it holds no non-finite value."
-            if last_saved is not None else "No checkpoint was saved before it.")
+    if last_saved is not None:
+        advice = (f"The last good checkpoint is step {last_saved}; it holds no non-finite "
+                  "value. To resume from it with a lower optim.lr or a higher optim.eps, rerun "
+                  "the command with the new values and --config.resume_overrides=optim.lr,"
+                  "optim.eps (or check the data and rerun it unchanged).")
+    else:
+        advice = ("No checkpoint was saved before it, so the workdir takes a changed config: "
+                  "rerun the command with a lower optim.lr or a higher optim.eps (or check "
+                  "the data).")
     raise FloatingPointError(
         f"non-finite {'loss ' + str(loss) if not math.isfinite(loss) else 'state'} at step "
-        f"{step} (first non-finite: {where}); stopping. {last} Lower optim.lr, raise "
-        "optim.eps or check the data, then rerun the same command to resume.")
+        f"{step} (first non-finite: {where}); stopping. {advice}")
 
 
 @dataclasses.dataclass
@@ -179,6 +144,7 @@ class _Run:
     evaluators: list = dataclasses.field(default_factory=list)
     checkpointer: Checkpointer | None = None
     writer: MetricWriter | None = None
+    lock: WorkdirLock | None = None
 
     @property
     def mesh(self) -> jax.sharding.Mesh:
@@ -189,6 +155,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
     """Every check that needs no parameters: values, task, mesh, batch, the model's shapes,
     the saved config of a run to resume. Nothing is written."""
     config_check.validate(config)
+    workdir_files.check_writable(workdir)
+    if jax.process_index() == 0:  # another trainer in this workdir: refused, named (process
+        WorkdirLock(str(workdir)).check()  # 0 only: the others would see their own run's lock)
     mesh = make_mesh(config.get("mesh", {"fsdp": -1}))
     rules = {**DEFAULT_RULES, **dict(config.get("sharding_rules") or {})}
     local_batch = _check_batch(config, mesh, rules)
@@ -199,6 +168,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Run:
     if (workdir / "checkpoints").exists():  # a resume: the checkpoints hold this model?
         checkpointer = Checkpointer(workdir / "checkpoints", async_save=False)
         try:
+            checkpointer.check_any_complete()
             checkpointer.check_same_model(state.abstract_state)
         finally:
             checkpointer.close()
@@ -222,7 +192,7 @@ def _initial_state(run: _Run, params: dict) -> tuple[dict, int]:
         logging.warning("freeze: %s stay at their random initialisation (no init_towers or "
                         "init_from loads them)", ", ".join(frozen))
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
-             "opt_state": built.init_opt_state(params)}
+             "opt_state": built.init_opt_state(params), **built.initial_batch_stats(run.rest)}
     start, restored = run.checkpointer.restore_latest(built.abstract_state, run.train_iter)
     if start is None:
         return state, 0
@@ -233,7 +203,8 @@ def _initial_state(run: _Run, params: dict) -> tuple[dict, int]:
 def _evaluate(run: _Run, state: dict, step: int) -> dict[str, float]:
     results: dict[str, float] = {}
     for evaluator in run.evaluators:
-        results.update(evaluator.run(run.state.graphdef, state["params"], run.rest, run.mesh))
+        rest = with_batch_stats(run.rest, state.get("batch_stats"))  # BatchNorm's, if any
+        results.update(evaluator.run(run.state.graphdef, state["params"], rest, run.mesh))
     run.writer.write(step, results)
     if jax.process_index() == 0:
         print(f"eval @ {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()
@@ -282,8 +253,7 @@ def _train(run: _Run, state: dict, start: int, throughput: Throughput
         stopping = run.stop.should_stop(done)
         if done % save_every == 0 or done == total or stopping:
             _check_finite(metrics, done, state, last_saved)
-            run.checkpointer.save(done, state, run.train_iter, metrics=results)
-            last_saved = done
+            last_saved = run.checkpointer.save_or_fail(done, state, run.train_iter, results)
         if stopping:
             print(f"stopping at step {done} after a termination signal; checkpoint saved",
                   flush=True)
@@ -291,12 +261,15 @@ def _train(run: _Run, state: dict, start: int, throughput: Throughput
     return state, final
 
 
-def _header(run: _Run, params: dict, start: int, compile_s: float, flops: float) -> None:
+def _header(run: _Run, params: dict, start: int, compile_s: float,
+            flops: StepFlops | None) -> None:
     if jax.process_index() != 0:
         return
     config = run.config
     name = config.model.get("name") or f"{config.model.image} + {config.model.text}"
-    gflops = f", {flops / config.batch_size / 1e9:.3g} GFLOPs/example/step" if flops else ""
+    gflops = (f", per example and step {flops.model / config.batch_size / 1e9:.3g} model "
+              f"GFLOPs, {flops.hardware / config.batch_size / 1e9:.3g} hardware GFLOPs"
+              if flops else "")
     print(f"{config.trainer}: {name}, {sum(x.size for x in jax.tree.leaves(params)):,} "
           f"parameters, mesh {dict(run.mesh.shape)}, batch {config.batch_size}, steps "
           f"{start}→{config.total_steps}, compiled in {compile_s:.1f}s{gflops}", flush=True)
@@ -308,6 +281,9 @@ def _header(run: _Run, params: dict, start: int, compile_s: float, flops: float)
 def _open_outputs(run: _Run) -> None:
     """Create the workdir: config.json, the log file, the checkpointer, the metric writers."""
     config, workdir = run.config, run.workdir
+    if jax.process_index() == 0:  # one trainer per workdir, for as long as this one runs
+        run.lock = WorkdirLock(str(workdir))
+        run.lock.acquire()
     save_workdir_config(run.resolved, workdir)
     logfile.attach(str(workdir), jax.process_index())
     for evaluator in run.evaluators:  # figures go next to the checkpoints
@@ -317,12 +293,25 @@ def _open_outputs(run: _Run) -> None:
         keep_best=config.checkpoint.get("keep_best", 1),
         best_metric=config.checkpoint.get("best_metric"),
         best_mode=config.checkpoint.get("best_mode", "max"),
-        async_save=config.checkpoint.get("async_save", True))
+        async_save=config.checkpoint.get("async_save", True), remove_partial=True)
     run.writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True),
                               wandb_project=config.get("wandb_project"), config=config.to_dict())
 
 
-def _run_from(run: _Run, params: dict, compile_s: float, flops: float
+def _close_outputs(run: _Run) -> None:
+    """Finish the last save, close the metric writers, then release the lock (whatever of
+    them _open_outputs got to open)."""
+    try:
+        if run.checkpointer is not None:
+            run.checkpointer.close()
+        if run.writer is not None:
+            run.writer.close()
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _run_from(run: _Run, params: dict, compile_s: float, flops: StepFlops | None
               ) -> tuple[dict, dict[str, float]]:
     """Resume or start, then train to total_steps; (final state, last evaluation)."""
     config = run.config
@@ -332,7 +321,7 @@ def _run_from(run: _Run, params: dict, compile_s: float, flops: float
         print(f"stopping at startup after a termination signal; nothing new to save "
               f"(the same command resumes from step {start})", flush=True)
         return state, {}
-    throughput = Throughput(batch_size=config.batch_size, flops_per_step=flops,
+    throughput = Throughput(batch_size=config.batch_size, flops=flops,
                             total_steps=config.total_steps, start_step=start)
     state, final = _train(run, state, start, throughput)
     if not final and run.evaluators and start >= config.total_steps:
@@ -356,13 +345,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             run.evaluators = run.state.task.evaluators()
             run.train_step, compile_s, flops = run.state.compile(
                 config.get("measure_flops", True))
+            if jax.process_count() == 1 and signals.received():  # during checks or compile
+                print("stopping at startup after a termination signal; nothing was written",
+                      flush=True)
+                return {}
             # --- nothing was written before this point ---
-            _open_outputs(run)
             try:
+                _open_outputs(run)
                 state, final = _run_from(run, params, compile_s, flops)
             finally:
-                run.checkpointer.close()
-                run.writer.close()
+                _close_outputs(run)
         finally:
             if hasattr(run.train_iter, "close"):
                 run.train_iter.close()

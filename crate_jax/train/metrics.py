@@ -7,10 +7,14 @@ import json
 import logging
 import math
 import time
+import uuid
 from typing import Any
 
 import jax
 from etils import epath
+
+from crate_jax import perf
+from crate_jax.train.workdir import atomic_write_text
 
 
 def _fmt(value: Any) -> str:
@@ -19,6 +23,11 @@ def _fmt(value: Any) -> str:
             return f"{value:.3e}"
         return f"{value:.4f}"
     return str(value)
+
+
+def _rate(tflops: float) -> str:
+    """A FLOP rate per device: TFLOP/s, or GFLOP/s below 1 TFLOP/s (a CPU, a tiny model)."""
+    return f"{tflops:.2f} TFLOP/s/dev" if tflops >= 1 else f"{1e3 * tflops:.3g} GFLOP/s/dev"
 
 
 def _duration(seconds: float) -> str:
@@ -108,6 +117,18 @@ def _tensorboard_writer(logdir: str):
         return None
 
 
+def wandb_run_id(workdir: epath.Path) -> str:
+    """The wandb run id of the run in `workdir` (WORKDIR/wandb_run_id), made and saved on
+    the first start, so that every restart logs to the same wandb run."""
+    path = workdir / "wandb_run_id"
+    if path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:16]  # wandb ids: letters and digits
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, run_id)
+    return run_id
+
+
 class MetricWriter:
     """writer.write(step, {'train/loss': 0.3, ...}) → metrics.jsonl, TensorBoard, wandb.
 
@@ -128,8 +149,10 @@ class MetricWriter:
                 import wandb
                 # wandb keeps its files in a local folder; a bucket cannot be one.
                 local_dir = None if is_remote(self.workdir) else str(self.workdir)
+                # One wandb run across restarts: its id is kept in the workdir.
                 self._wandb = wandb.init(project=wandb_project, config=config,
-                                         dir=local_dir, resume="allow")
+                                         dir=local_dir, id=wandb_run_id(self.workdir),
+                                         resume="allow")
             except ImportError:
                 logging.warning("wandb was asked for but is not installed")
 
@@ -159,14 +182,14 @@ class MetricWriter:
 
 
 class Throughput:
-    """Step time, examples/s, TFLOP/s per device, MFU and ETA between two progress lines."""
+    """Step time, examples/s, model and hardware TFLOP/s per device, MFU and HFU (on devices
+    with a known peak) and ETA between two progress lines. `flops` holds the two counts of
+    one step of the global batch (perf.StepFlops; None: not measured)."""
 
-    def __init__(self, *, batch_size: int, flops_per_step: float, total_steps: int,
+    def __init__(self, *, batch_size: int, flops: perf.StepFlops | None, total_steps: int,
                  start_step: int):
-        from crate_jax import perf
-
         self.batch_size = batch_size
-        self.flops_per_step = flops_per_step
+        self.flops = flops
         self.total_steps = total_steps
         self.num_devices = jax.device_count()
         self.peak = perf.peak_flops()
@@ -179,10 +202,13 @@ class Throughput:
         self._t, self._step = now, step
         out = {"perf/step_time_s": step_time,
                "perf/examples_per_s": self.batch_size / step_time,
-               "perf/tflops_per_device": self.flops_per_step / step_time / self.num_devices / 1e12,
                "perf/eta_s": step_time * (self.total_steps - step)}
-        if self.peak:
-            out["perf/mfu"] = self.flops_per_step / step_time / self.num_devices / self.peak
+        if self.flops is not None:
+            for kind, name in (("model", "mfu"), ("hardware", "hfu")):
+                per_device = getattr(self.flops, kind) / step_time / self.num_devices
+                out[f"perf/{kind}_tflops_per_device"] = per_device / 1e12
+                if self.peak:
+                    out[f"perf/{name}"] = per_device / self.peak
         return out
 
 
@@ -199,8 +225,11 @@ def progress_line(step: int, total: int, metrics: dict[str, Any]) -> str:
     if "perf/examples_per_s" in metrics:
         parts.append(f"{metrics['perf/examples_per_s']:.1f} ex/s")
         parts.append(f"step {1e3 * metrics['perf/step_time_s']:.0f} ms")
-        parts.append(f"{metrics['perf/tflops_per_device']:.2f} TFLOP/s/dev")
-        if "perf/mfu" in metrics:
-            parts.append(f"MFU {100 * metrics['perf/mfu']:.1f}%")
+        for kind in ("model", "hardware"):
+            if f"perf/{kind}_tflops_per_device" in metrics:
+                parts.append(f"{kind} {_rate(metrics[f'perf/{kind}_tflops_per_device'])}")
+        for key, label in (("perf/mfu", "MFU"), ("perf/hfu", "HFU")):
+            if key in metrics:
+                parts.append(f"{label} {100 * metrics[key]:.1f}%")
         parts.append(f"ETA {_duration(metrics['perf/eta_s'])}")
     return " | ".join(parts)

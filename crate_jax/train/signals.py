@@ -1,13 +1,15 @@
 """SIGTERM (preemption on most clusters, `kill`, Ctrl-C via the launchers) as a flag.
 
-The handler is installed by the command line before jax starts, so a termination signal at any
-moment (startup, compile, a step, the final evaluation, the final save) only sets the flag; the
-loop checks it at safe points, saves what can be saved and returns, and the process exits 0. A
-second signal while a save is in progress sets the same flag again and so waits for the save.
+The handler is installed by the command line first of all, before absl and jax load, so a
+termination signal at any moment (startup, compile, a step, the final evaluation, the final
+save) only sets the flag; the loop checks it at safe points, saves what can be saved and
+returns (before the workdir is written, it writes nothing), and the process exits 0. A second
+signal while a save is in progress sets the same flag again and so waits for the save.
 
 With several processes, jax.distributed's preemption notifier owns SIGTERM instead: the loop
 asks it whether every process has reached the agreed stop step (a process stopping alone would
-deadlock the others at their next collective), so no handler of ours is installed there.
+deadlock the others at their next collective); jax.distributed.initialize replaces our
+handler with that notifier's.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 compiles and the multi-process tests restore against.
 
     state = {'step': int32 (), 'params': pure nested dict of nnx.Params, 'opt_state': optax}
+            (+ 'batch_stats': the nnx.BatchStat running statistics of a model with BatchNorm)
 
 `build_train_state(config, mesh)` makes, without allocating a parameter:
     the task and its abstract model (graphdef, parameter shapes, the non-parameter state)
@@ -11,8 +12,9 @@ compiles and the multi-process tests restore against.
     the abstract state (jax.ShapeDtypeStruct with shardings) and the jitted train step:
         in/out shardings, the state donated
 Then `init_params` materialises fresh parameters straight into their shardings, `trace`
-traces the step for the global batch, and `compile` compiles that trace and counts its FLOPs
-on the same jaxpr (perf.jaxpr_flops; no second compile).
+traces the step for the global batch, and `compile` compiles that trace and counts its FLOPs:
+hardware FLOPs on the same jaxpr (perf.jaxpr_flops; no second compile), model FLOPs on the
+traced forward pass of the global batch (perf.model_flops; traced, never compiled).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import optax
 from flax import nnx
 
 from crate_jax import perf, tasks
+from crate_jax.models.state import split_batch_stats
 from crate_jax.parallel import (
     DEFAULT_RULES,
     batch_sharding,
@@ -36,7 +39,7 @@ from crate_jax.parallel import (
     undivided_parameters,
 )
 from crate_jax.train import optim
-from crate_jax.train.step import split_frozen, task_train_step
+from crate_jax.train.step import split_frozen, task_forward, task_train_step
 
 
 def _with_shardings(tree: Any, shardings: Any) -> Any:
@@ -86,6 +89,16 @@ class TrainState:
 
         return jax.jit(init, out_shardings=(self.param_shardings, replicated(self.mesh)))()
 
+    def initial_batch_stats(self, rest: Any) -> dict:
+        """{'batch_stats': the model's BatchNorm statistics from `rest` (init_params' second
+        value), in their shardings}, the state entry a fresh run starts from; {} for a model
+        without BatchNorm."""
+        if "batch_stats" not in self.abstract_state:
+            return {}
+        stats = nnx.to_pure_dict(split_batch_stats(rest)[0])
+        put = jax.jit(lambda x: x, out_shardings=self.state_shardings["batch_stats"])
+        return {"batch_stats": put(stats)}
+
     def init_opt_state(self, params: dict) -> Any:
         """A fresh optimizer state for `params` (their trainable part), in its shardings."""
         trainable = split_frozen(params, self.frozen)[0]
@@ -96,14 +109,29 @@ class TrainState:
         return self.jitted_step.trace(self.abstract_state, self.abstract_rest,
                                       self.example_batch())
 
-    def compile(self, count_flops: bool = True) -> tuple[jax.stages.Compiled, float, float]:
-        """(compiled step, seconds to trace and compile, FLOPs of one step of the global
-        batch or 0.0), all from one trace."""
+    def model_flops(self) -> float:
+        """Model FLOPs of one step of the global batch (perf.model_flops): 3 × the forward
+        FLOPs of the loss on the whole batch, the frozen groups' operations once."""
+        forward = task_forward(self.task, self.config, self.graphdef, self.frozen)
+        trainable, fixed = split_frozen(self.abstract_state["params"], self.frozen)
+        traced = jax.jit(forward).trace(trainable, fixed, self.abstract_rest,
+                                        self.example_batch(), self.abstract_state["step"])
+        trained = [True] * len(jax.tree.leaves(trainable))
+        return perf.model_flops(traced.jaxpr, trained + [False] * (
+            len(traced.jaxpr.jaxpr.invars) - len(trained)))
+
+    def compile(self, count_flops: bool = True
+                ) -> tuple[jax.stages.Compiled, float, perf.StepFlops | None]:
+        """(compiled step, seconds to trace and compile, the model and hardware FLOPs of one
+        step of the global batch or None), the step traced once."""
         t0 = time.perf_counter()
         traced = self.trace()
         compiled = traced.lower().compile()
         seconds = time.perf_counter() - t0
-        return compiled, seconds, perf.jaxpr_flops(traced.jaxpr) if count_flops else 0.0
+        if not count_flops:
+            return compiled, seconds, None
+        return compiled, seconds, perf.StepFlops(model=self.model_flops(),
+                                                 hardware=perf.jaxpr_flops(traced.jaxpr))
 
 
 def _optimizer(config, task, abstract_params: dict, frozen: tuple[str, ...],
@@ -136,9 +164,13 @@ def build_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
     tx, abstract_opt, opt_shard = _optimizer(config, task, abstract_params, frozen, p_shard,
                                              mesh)
     shardings = {"step": replicated(mesh), "params": p_shard, "opt_state": opt_shard}
-    abstract_state = _with_shardings(
-        {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
-         "opt_state": abstract_opt}, shardings)
+    abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+                      "opt_state": abstract_opt}
+    batch_stats = split_batch_stats(rest)[0]
+    if jax.tree.leaves(batch_stats):  # BatchNorm running statistics: trained by the step
+        shardings["batch_stats"] = param_shardings(batch_stats, mesh, rules)
+        abstract_state["batch_stats"] = nnx.to_pure_dict(batch_stats)
+    abstract_state = _with_shardings(abstract_state, shardings)
     abstract_rest = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), rest)
     step_fn = task_train_step(task, config, graphdef, tx, optim.make_schedule(config.optim),

@@ -106,6 +106,29 @@ def state_digest(tree: Any) -> dict[str, int]:
     return digest
 
 
+@functools.lru_cache(maxsize=8)
+def _finite_fn(out_sharding: jax.sharding.Sharding | None):
+    return jax.jit(lambda leaves: jnp.stack([jnp.isfinite(x).all() for x in leaves]),
+                   out_shardings=out_sharding)
+
+
+def first_non_finite(tree: Any) -> str | None:
+    """The path of the first floating-point leaf of `tree` holding a NaN or an infinity, or
+    None. Grouped and replicated like state_digest, so that with several processes every one
+    runs the same calls and reads the answer."""
+    flat = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (_, leaf) in enumerate(flat):
+        groups.setdefault(_devices(leaf), []).append(i)
+    bad = []
+    for _, members in sorted(groups.items()):
+        fn = _finite_fn(_replicated_like(flat[members[0]][1]))
+        finite = np.asarray(jax.device_get(fn([flat[i][1] for i in members])))
+        bad += [i for i, ok in zip(members, finite, strict=True) if not ok]
+    return _key(flat[min(bad)][0]) if bad else None
+
+
 def compare_digests(saved: dict[str, int], restored: dict[str, int]) -> str | None:
     """None when they agree; otherwise a sentence naming the first arrays that differ."""
     missing = sorted(set(saved) - set(restored))

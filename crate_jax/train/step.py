@@ -2,8 +2,10 @@
 micro-batches) → optax update. A task supplies only `loss(model, batch, rng)`.
 
 The state is a plain dict {'step', 'params', 'opt_state'}; params is the pure nested dict of
-the model's nnx.Params. Randomness (dropout, DropPath, mixup) comes from
-fold_in(key(seed), step), so a resumed run draws exactly what an uninterrupted one would.
+the model's nnx.Params. A model with BatchNorm (ToST's stem) adds 'batch_stats', the pure dict
+of its nnx.BatchStat running statistics, which the step carries forward (and so checkpoints).
+Randomness (dropout, DropPath, mixup) comes from fold_in(key(seed), step), so a resumed run
+draws exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from crate_jax.models.state import merge_model  # still importable from here
+from crate_jax.models.state import (  # merge_model: still importable from here
+    batch_stats_of,
+    merge_model,
+    with_batch_stats,
+)
 
 LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -199,13 +205,17 @@ def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTran
     def loss_of_params(trainable, fixed, rest, batch, rng):
         model = merge_model(graphdef, merge_params(trainable, fixed), rest, train=True,
                             rng=rng)
-        return loss(model, batch, rng)
+        loss_value, aux = loss(model, batch, rng)
+        # BatchNorm running statistics the forward pass updated ({} for most models)
+        return loss_value, (aux, batch_stats_of(model))
 
     value_and_grad = jax.value_and_grad(loss_of_params, has_aux=True)
 
     def train_step(state: dict[str, Any], rest: nnx.State, batch: dict):
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
         trainable, fixed = split_frozen(state["params"], frozen)
+        stats = state.get("batch_stats")  # present for models with BatchNorm (ToST)
+        rest = with_batch_stats(rest, stats)
 
         def grad_fn(trainable, rest, batch, rng):
             return value_and_grad(trainable, fixed, rest, batch, rng)
@@ -213,6 +223,10 @@ def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTran
         if accum_steps == 1:
             (loss_value, aux), grads = grad_fn(trainable, rest, batch, rng)
         elif features is not None:
+            if stats:
+                raise ValueError("grad_accum_steps with feature caching: a model with "
+                                 "BatchNorm statistics (batch_stats) cannot be accumulated "
+                                 "this way; use grad_accum_steps=1")
             features_fn, features_loss_fn = features
 
             def model_of(trainable, rng):
@@ -223,22 +237,40 @@ def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTran
                 lambda p, b, r: features_fn(model_of(p, r), b, r),
                 lambda p, f, r: features_loss_fn(model_of(p, r), f, r),
                 trainable, batch, rng, accum_steps)
+            aux = (aux, {})
         else:
             (loss_value, aux), grads = averaged_grads(
                 lambda t, b, r: grad_fn(t, rest, b, r), trainable, batch, rng, accum_steps)
+        # with accumulation the running statistics are the micro-batches' mean update
+        aux, new_stats = aux
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         params = merge_params(clamp_params(optax.apply_updates(trainable, updates),
                                            bounds or {}), fixed)
         if after_update is not None:  # the task's own rule for its frozen groups (EMA)
             params = after_update(params, state["step"])
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        if stats is not None:
+            new_state["batch_stats"] = new_stats
         metrics = {"train/loss": loss_value, "train/grad_norm": optax.tree.norm(grads),
-                   "train/state_finite": all_finite((params, opt_state)),
+                   "train/state_finite": all_finite((params, opt_state, new_stats)),
                    "train/lr": schedule(state["step"]),
                    **{f"train/{k}": v for k, v in aux.items()}}
         return new_state, metrics
 
     return train_step
+
+
+def task_forward(task: Any, config: Any, graphdef: nnx.GraphDef, frozen: tuple[str, ...]):
+    """forward(trainable, fixed, rest, batch, step) → (loss, aux): the loss of `task` on the
+    whole batch as the train step computes it, without gradients, micro-batches or remat
+    recomputation. Its jaxpr is what model FLOPs count (perf.model_flops)."""
+
+    def forward(trainable, fixed, rest, batch, step):
+        rng = jax.random.fold_in(jax.random.key(config.seed), step)
+        model = merge_model(graphdef, merge_params(trainable, fixed), rest, train=True, rng=rng)
+        return task.loss(model, batch, rng)
+
+    return forward
 
 
 def task_train_step(task: Any, config: Any, graphdef: nnx.GraphDef,

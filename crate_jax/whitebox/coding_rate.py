@@ -1,6 +1,6 @@
 """Coding rates, the compression term Rᶜ, sparsity and the sparse rate reduction objective.
 
-Row convention (DESIGN.md §1): a token is a row, a token set is Z ∈ R^{N×p}.
+Row convention (docs/design.md §1): a token is a row, a token set is Z ∈ R^{N×p}.
 
     R(Z)      = ½ logdet(I_p + α ZᵀZ) = ½ logdet(I_N + α Z Zᵀ),   α = p / (N ε²)
     Rᶜ(Z; U)  = Σ_k R(Z U_k)                                   U_k = attn.proj[:, k, :] (d×p)
@@ -17,7 +17,7 @@ rounds relative to ‖Z‖ rather than ‖Z‖². No path produces a NaN for a f
 
 **Normalisations of Rᶜ** (`normalization=`):
 
-- ``'reference'`` (default): the measurement of the reference implementation and DESIGN.md §1.
+- ``'reference'`` (default): the measurement of the reference implementation and docs/design.md §1.
   Every token's head vector (a row of Z U_k) is scaled to unit length and ε² = 0.01, i.e. the
   scalar α = p / (N · 0.01). Rᶜ then depends only on the directions of the tokens inside each
   subspace, so the values of different layers and models are comparable whatever their scale.
@@ -165,9 +165,9 @@ def _check_model(model) -> None:
     if cfg is None or not hasattr(cfg, "patch_size"):
         raise ValueError("white-box measurements need an image model (VisionTransformer); got "
                          f"{type(model).__name__}")
-    if cfg.block not in ("crate", "crate_alpha"):
-        raise ValueError(f"white-box measurements need a CRATE or CRATE-α model; block "
-                         f"{cfg.block!r} has no MSSA subspaces U or sparse codes")
+    if cfg.block not in ("crate", "crate_alpha", "tost"):
+        raise ValueError(f"white-box measurements need a CRATE, CRATE-α or ToST model; block "
+                         f"{cfg.block!r} has no MSSA / TSSA subspaces U or sparse codes")
 
 
 def measure(model, images, *, normalization: Normalization = "reference",
@@ -183,6 +183,11 @@ def measure(model, images, *, normalization: Normalization = "reference",
         l0                 (B, L)       non-zero count of layer ℓ's code
         objective          (B, L)       R − Rᶜ − λ‖A‖₀ on layer ℓ's output (point ℓ + 1)
     `inter` may pass the intermediates of `model(images, collect=True)` already computed.
+
+    ToST: Rᶜ on TSSA's projections W = LN(Z)·U + b; its encoder's tokens are the patches only
+    (the cls token joins after the TSSA layers), so `include_cls` changes nothing; the codes
+    are the MLP's GELU activations, whose sparsity is the fraction ≤ 0 (a GELU is never
+    exactly 0), and the objective is R − Rᶜ (no λ‖A‖₀: ToST has no sparse-coding step).
     """
     _check_model(model)
     _check_normalization(normalization)
@@ -191,7 +196,8 @@ def measure(model, images, *, normalization: Normalization = "reference",
     depth = model.encoder.depth
     layers = [model.encoder.layer(i) for i in range(depth)]
     points = [inter["tokens_in"], *[inter["tokens_out"][i] for i in range(depth)]]
-    start = 0 if include_cls else 1
+    tost = model.cfg.block == "tost"
+    start = 0 if include_cls or tost else 1
     heads, rates = [], []
     for j, tokens in enumerate(points):
         attn = layers[min(j, depth - 1)].attn
@@ -200,22 +206,38 @@ def measure(model, images, *, normalization: Normalization = "reference",
         rates.append(rate_of_tokens(attn.norm(tokens), normalization, eps))
     heads = jnp.stack(heads, axis=1)
     codes = inter["codes"][:, :, start:]
+    if tost:  # GELU activations: the inactive ones are ≤ 0, never exactly 0
+        codes = jnp.where(codes <= 0, 0.0, codes)
     sparse = jnp.swapaxes(sparsity(codes), 0, 1)  # (B, L)
     l0 = (1.0 - sparse) * codes.shape[-2] * codes.shape[-1]
     compression = heads.sum(-1)
     rate = jnp.stack(rates, axis=1)
-    lam = float(model.cfg.lam)
+    lam = 0.0 if tost else float(model.cfg.lam)
     objective = rate[:, 1:] - compression[:, 1:] - lam * l0
     return dict(compression=compression, compression_heads=heads, rate=rate, sparsity=sparse,
                 l0=l0, objective=objective)
 
 
+# The measurements whose std over images the reference computes as a population std (NumPy's
+# np.std in its sparsity plot); its coding rates use torch's sample std (ddof 1).
+POPULATION_STD_KEYS = ("sparsity", "l0")
+
+
 def summarize(per_image: dict[str, np.ndarray]) -> dict[str, list]:
-    """Mean and std over images of every measurement: {'compression_mean': [...], ...}; the
-    per-head values as mean lists per point."""
+    """Mean and std over images (axis 0) of every measurement: {'compression_mean': [...],
+    'compression_std': [...], ...}; the per-head values as lists per point.
+
+    The std is the reference's: the sample std (ddof 1, torch's `Tensor.std()`, as the
+    reference reports its coding rates) for the coding rates and the objective, the
+    population std (ddof 0, its `np.std`) for sparsity and ‖A‖₀ (POPULATION_STD_KEYS). With one
+    image the sample std is undefined and reported as NaN."""
     out = {}
     for key, value in per_image.items():
         value = np.asarray(value, np.float64)
+        ddof = 0 if key in POPULATION_STD_KEYS else 1
         out[f"{key}_mean"] = value.mean(0).tolist()
-        out[f"{key}_std"] = value.std(0).tolist()
+        if value.shape[0] > ddof:
+            out[f"{key}_std"] = value.std(0, ddof=ddof).tolist()
+        else:
+            out[f"{key}_std"] = np.full(value.shape[1:], np.nan).tolist()
     return out

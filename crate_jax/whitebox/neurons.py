@@ -1,5 +1,6 @@
-"""Neuron-level interpretability of a causal language-model run: how sparse each layer's code
-is, which held-out text makes its most active neurons fire, and how monosemantic they look.
+"""Neuron-level interpretability of a language-model run (causal, or masked: CRATE-BERT's
+bidirectional encoder): how sparse each layer's code is, which held-out text makes its most
+active neurons fire, and how monosemantic they look.
 
     python -m crate_jax.whitebox.neurons --workdir=RUN --out=DIR \
         [--num-sequences 64] [--top-neurons 12] [--snippets 8]
@@ -150,7 +151,12 @@ def _codes_fn():
     """model, tokens (B, L) → the codes of every layer (depth, B, L, C); one jitted function
     for both passes and every call (compiled once per model structure and shape)."""
     from flax import nnx
-    return nnx.jit(lambda model, tokens: model(tokens, collect=True)[1]["codes"])
+
+    def codes(model, tokens):
+        if hasattr(model, "encode"):  # a masked LM: its bidirectional encoder's codes
+            return model.encode(tokens, collect=True)[1]["codes"]
+        return model(tokens, collect=True)[1]["codes"]
+    return nnx.jit(codes)
 
 
 def _measure(model, inputs: np.ndarray, real: np.ndarray, keep: int, batch: int
@@ -190,7 +196,8 @@ def _layer_summary(stats: LayerStats, tokens: np.ndarray, block: str, top: int,
     scored = scores[~np.isnan(scores)]
     summary = dict(
         width=stats.width,
-        sparsity=(stats.nonpositive if block == "vit" else stats.zero) / stats.total,
+        # GELU MLPs (ViT / GPT-2, ToST) are never exactly 0: their inactive units are ≤ 0
+        sparsity=(stats.nonpositive if block in ("vit", "tost") else stats.zero) / stats.total,
         fraction_zero=stats.zero / stats.total,
         fraction_nonpositive=stats.nonpositive / stats.total,
         dead_fraction=float((stats.positive_count == 0).mean()),
@@ -234,14 +241,15 @@ def analyze_model(name: str, model: Any, run: Any, inputs: np.ndarray, real: np.
 
 def analyze_language_run(workdir: str, out: str, *, num_sequences: int = 64,
                          top_neurons: int = 12, snippets: int = 8) -> dict:
-    """Analyse the causal LM run in `workdir` (module docstring); writes index.html, one page
-    per model and layer and neurons.json into `out`, and returns the summary."""
+    """Analyse the LM run (causal, or masked: its bidirectional encoder) in `workdir`
+    (module docstring); writes index.html, one page per model and layer and neurons.json
+    into `out`, and returns the summary."""
     from crate_jax.generate import load_language_run
     for flag, value in (("num_sequences", num_sequences), ("top_neurons", top_neurons),
                         ("snippets", snippets)):
         if value < 1:
             raise ValueError(f"{flag}={value}: must be ≥ 1")
-    run = load_language_run(workdir)
+    run = load_language_run(workdir, causal=False)
     inputs, real, split = _sample(run, num_sequences)
     os.makedirs(out, exist_ok=True)
     batch = max(1, 2048 // inputs.shape[1])  # the collected attention maps grow with L²

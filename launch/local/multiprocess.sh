@@ -121,7 +121,7 @@ stop_all() {  # stop_all SIGNAL: signal every process still running
     kill -s "$1" "$pid" 2>/dev/null || true
   done
 }
-# shellcheck disable=SC2317  # called from the traps below
+# shellcheck disable=SC2317,SC2329  # called from the traps below
 forward() {  # a signal for us: SIGTERM to every process, then keep waiting while they save
   echo "multiprocess.sh: $1 received, sending SIGTERM to ${#pids[@]} processes" >&2
   stop_all TERM

@@ -187,8 +187,12 @@ tpu_state() {
   fi
 }
 
-queued_resource_exists() {
-  ((DRY_RUN)) && return 1
+queued_resource_exists() {  # under --dry-run the query is printed and "none" assumed
+  if ((DRY_RUN)); then
+    show gcloud compute tpus queued-resources describe "$NAME" --project="$PROJECT" \
+      --zone="$ZONE" --format='value(name)'
+    return 1
+  fi
   gcloud compute tpus queued-resources describe "$NAME" --project="$PROJECT" --zone="$ZONE" \
     --format='value(name)' >/dev/null 2>&1
 }
@@ -251,6 +255,7 @@ remote_path() {
 # The variables every remote script starts with.
 remote_preamble() {
   cat <<EOF
+# shellcheck disable=SC2034  # not every remote script uses every setting
 set -euo pipefail
 CRATE_DIR=$(remote_path "$REMOTE_DIR")
 CRATE_VENV=$(remote_path "$VENV")

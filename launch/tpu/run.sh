@@ -81,11 +81,15 @@ exit \"\$rc\""
 
 start="$(remote_preamble)
 mkdir -p \"\$CRATE_LOGS\"
+restart=$RESTART
 if tmux has-session -t \"\$CRATE_SESSION\" 2>/dev/null; then
-  if [ $RESTART = 1 ]; then
+  if [ \"\$restart\" = 1 ]; then
     pid=\"\$(cat \"\$CRATE_LOGS/\$CRATE_SESSION.pid\" 2>/dev/null || true)\"
     [ -z \"\$pid\" ] || kill -TERM \"\$pid\" 2>/dev/null || true
-    for _ in \$(seq 300); do [ -n \"\$pid\" ] && kill -0 \"\$pid\" 2>/dev/null || break; sleep 1; done
+    for _ in \$(seq 300); do
+      if [ -z \"\$pid\" ] || ! kill -0 \"\$pid\" 2>/dev/null; then break; fi
+      sleep 1
+    done
     tmux kill-session -t \"\$CRATE_SESSION\" 2>/dev/null || true
   else
     echo \"\$(hostname): a run is active in tmux session \$CRATE_SESSION; stop.sh stops it, run.sh --restart restarts it\" >&2

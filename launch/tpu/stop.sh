@@ -21,16 +21,17 @@ require PROJECT ZONE NAME
 signal=TERM
 ((FORCE)) && signal=KILL
 ssh_workers all "$(remote_preamble)
+signal=$signal
 pid=\"\$(cat \"\$CRATE_LOGS/\$CRATE_SESSION.pid\" 2>/dev/null || true)\"
 if [ -z \"\$pid\" ] || ! kill -0 \"\$pid\" 2>/dev/null; then
   echo \"\$(hostname): no run in session \$CRATE_SESSION\"
   exit 0
 fi
-kill -$signal \"\$pid\"
+kill -s \"\$signal\" \"\$pid\"
 for _ in \$(seq 600); do kill -0 \"\$pid\" 2>/dev/null || break; sleep 1; done
 if kill -0 \"\$pid\" 2>/dev/null; then
   echo \"\$(hostname): still running after 10 minutes; stop.sh --force kills it\" >&2
   exit 1
 fi
-[ $signal = TERM ] || tmux kill-session -t \"\$CRATE_SESSION\" 2>/dev/null || true
+[ \"\$signal\" = TERM ] || tmux kill-session -t \"\$CRATE_SESSION\" 2>/dev/null || true
 echo \"\$(hostname): stopped; tail: \$(tail -n 2 \"\$CRATE_LOGS/\$CRATE_SESSION.log\" | tr '\\n' ' ')\""

@@ -1,0 +1,144 @@
+"""ToST through the whole trainer (configs/demo_tost.py:smoke): 2 processes × 4 devices against
+1 process × 8 (losses, gradient norms, evaluation and the BatchNorm running statistics agree),
+a SIGKILL and resume that ends bit for bit where an uninterrupted run ends (the statistics in
+the checkpoint included), and the planner on a ToST config."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from multiprocess_utils import (
+    FAST_COMPILE,
+    QUIET,
+    ROOT,
+    Pair,
+    assert_runs_match,
+    env,
+    wait_for_checkpoint,
+)
+
+from crate_jax.convert.tost import read_tost_run
+
+CONFIG = os.path.join(ROOT, "configs", "demo_tost.py")
+LONG = ("--config.total_steps=12", "--config.optim.total_steps=12",
+        "--config.checkpoint.every=2", "--config.log_every=4")
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _main(workdir, *args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "crate_jax.main", f"--config={CONFIG}:smoke",
+         f"--workdir={workdir}", "--config.measure_flops=False", *args],
+        cwd=ROOT, env=env(XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_match_one(tmp_path):
+    pair = Pair(tmp_path, "tost", [f"--config={CONFIG}:smoke", *QUIET], timeout=900).wait()
+    final = assert_runs_match(pair, ("val/",))
+    assert final["val/count"] == 40
+    multi, single = read_tost_run(pair.multi), read_tost_run(pair.single)
+    assert multi[1] and multi[2] == single[2] == 4
+    start = 0.0
+    for a, b in zip(_leaves(multi[1]), _leaves(single[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        start += float(np.abs(a - np.round(a)).sum())
+    assert start > 0  # the statistics moved away from their initial 0 / 1
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    whole = _main(tmp_path / "whole", *LONG)
+    killed = _main(tmp_path / "killed", *LONG)
+    wait_for_checkpoint(tmp_path / "killed", killed, minimum=4, timeout=500)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    out, _ = whole.communicate(timeout=600)
+    assert whole.returncode == 0, out
+    resumed = _main(tmp_path / "killed", *LONG)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and "resumed from step" in out, out
+    a, b = read_tost_run(tmp_path / "killed"), read_tost_run(tmp_path / "whole")
+    assert a[2] == b[2] == 12 and a[1]
+    for x, y in zip(_leaves(a[:2]), _leaves(b[:2]), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_planner_compiles_a_tost_step(tmp_path):
+    result = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "crate_jax.plan", f"--config={CONFIG}:smoke", "--mesh=fsdp:2",
+         "--max-compiles=1", f"--json={result}"], cwd=ROOT, capture_output=True, text=True,
+        timeout=400, env={k: v for k, v in os.environ.items()
+                          if k not in ("XLA_FLAGS", "JAX_PLATFORMS")})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "tost-t-12/8" in proc.stdout
+    (report,) = json.loads(result.read_text())
+    (r,) = report["results"]
+    from flax import nnx
+
+    from crate_jax import tasks
+    from crate_jax.config_check import load_config
+    from crate_jax.models.registry import count_params
+
+    c = load_config(f"{CONFIG}:smoke")
+    model = nnx.eval_shape(lambda: tasks.get(c.trainer)(c).build_model(nnx.Rngs(0)))
+    assert r["params"] == count_params(model)
+    assert r["model_flops_per_device"] > 0 and r["temp_bytes"] > 0
+
+
+@pytest.mark.parametrize("model", ["tost", "crate"])
+def test_demo_config_names_both_models(model):
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import demo_tost
+
+    c = demo_tost.get_config(f"model={model}")
+    assert c.model.name == demo_tost.MODELS[model][0]
+    assert c.model.overrides.width == 64
+    with pytest.raises(ValueError, match="model='vit'"):
+        demo_tost.get_config("model=vit")
+
+
+def test_demo_compares_both_models(tmp_path, capsys):
+    """`python configs/demo_tost.py smoke`: both runs, then the table."""
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import demo_tost
+
+    results = demo_tost.compare(smoke=True, root=str(tmp_path))
+    assert set(results) == {"tost", "crate"}
+    for r in results.values():
+        assert 0.0 <= r["val/top1"] <= 1.0 and r["step_s"] > 0 and r["peak_bytes"] > 0
+    out = capsys.readouterr().out
+    assert "peak MiB" in out and "tost" in out and "crate" in out
+    assert (tmp_path / "demo_tost_tost_smoke" / "checkpoints").is_dir()
+
+
+def test_lm_task_trains_tost_gpt(tmp_path):
+    """The lm trainer (configs/demo_lm.py:smoke) with ToST-GPT against its GPT-2 baseline;
+    TSSA's temperature and per-position bias are trained, never weight-decayed."""
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import demo_lm
+
+    from crate_jax.train.loop import final_params, train_and_evaluate
+    from crate_jax.train.optim import decay_mask
+
+    config = demo_lm.get_config("smoke")
+    config.model.name = "tost-gpt-base"
+    config.tensorboard = False
+    final = train_and_evaluate(config, str(tmp_path))
+    assert final["step"] == 4 and all(np.isfinite(v) for v in final.values())
+    params = final_params(str(tmp_path))
+    attn = params["crate"]["encoder"]["layers"]["attn"] if "crate" in params else \
+        params["encoder"]["layers"]["attn"]
+    assert attn["denom_bias"].shape == (2, 2, 32)  # (layers, heads, context)
+    assert float(np.abs(attn["denom_bias"]).max()) > 0  # trained away from its zero init
+    mask = decay_mask({"encoder": {"layers": {"attn": attn}}})["encoder"]["layers"]["attn"]
+    assert not mask["denom_bias"] and not mask["temperature"] and mask["proj"]
