@@ -418,15 +418,7 @@ class Checkpointer:
         per_layer = self._per_layer(step) and not layer_stack.has_per_layer(target)
         if per_layer:
             target = layer_stack.unstack_layers(target)
-        item = {"params": _str_keys(target)}
-        restore_args = jax.tree.map(
-            lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
-                                           dtype=s.dtype), item)
-        path = ocp.step.find_step_path(self.manager.directory, ocp.step.standard_name_format(),
-                                       step=step) / "state"
-        restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-            path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                              partial_restore=True))
+        restored = self._partial_restore(step, {"params": _str_keys(target)})
         params = _int_keys(restored["params"])
         return _stacked_into(params, wanted) if per_layer else params
 
@@ -451,15 +443,19 @@ class Checkpointer:
         item = {"batch_stats": jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
             dict(saved["batch_stats"]))}
+        return self._partial_restore(step, item)["batch_stats"]
+
+    def _partial_restore(self, step: int, item: dict) -> dict:
+        """The items of step's state named by `item` (a tree of ShapeDtypeStructs with their
+        shardings); nothing else of the checkpoint is read (orbax partial restore)."""
         restore_args = jax.tree.map(
             lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
                                            dtype=s.dtype), item)
         path = ocp.step.find_step_path(self.manager.directory, ocp.step.standard_name_format(),
                                        step=step) / "state"
-        restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+        return ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
             path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                               partial_restore=True))
-        return restored["batch_stats"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
