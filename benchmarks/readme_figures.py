@@ -385,6 +385,13 @@ SOURCES = [
                          "validation perplexity": ["val/baseline_perplexity"]},
                "unigram": {"validation perplexity": ["val/unigram_perplexity"]}},
            prose=[(r"run as typed above: (\d+ min \d+ s) for", WALL)]),
+    Source("demo_tost", "python -m crate_jax.main --config=configs/demo_tost.py",
+           "Demo: ToST against CRATE", table="model", rows={
+               f"{label} (": {"validation top-1": [f"{name}/top1"],
+                              "median step": [Timed(f"{name}/step_s")],
+                              "step memory per device": [f"{name}/step_memory_mib"]}
+               for name, label in (("tost", "ToST"), ("crate", "CRATE"))},
+           prose=[(r"as typed took (\d+ min \d+ s)", WALL)]),
     Source("model_step_crate_b16", "python benchmarks/model_step.py --model crate-b/16 --batch 8",
            "Benchmarks", parse=model_step_metrics, table="model",
            rows=_model_step_row("crate-b/16")),

@@ -41,12 +41,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
     c.batch_size = 128
     c.eval_batch_size = 200
-    c.total_steps = 1200
+    c.total_steps = 800
     c.log_every = 100
-    c.eval_every = 600
+    c.eval_every = 400
     c.optim.update(name="adamw", lr=2e-3, b2=0.98, weight_decay=0.1, warmup_steps=100,
                    total_steps=c.total_steps, schedule="cosine", clip_norm=1.0)
-    c.checkpoint.update(every=600, keep=2, keep_best=1, best_metric="zeroshot_heldout/top1")
+    c.checkpoint.update(every=400, keep=2, keep_best=1, best_metric="zeroshot_heldout/top1")
     if args.smoke:
         config_utils.smoke_clip(c, probe=True)
     return c

@@ -36,7 +36,7 @@ WIDTH, DEPTH, HEADS, SEQ_LEN = 96, 4, 4, 128
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = config_utils.parse_arg(arg, smoke=False, steps=500)
+    args = config_utils.parse_arg(arg, smoke=False, steps=250)
     c = config_utils.base_config()
     c.trainer = "lm"
     size = dict(width=WIDTH, depth=DEPTH, heads=HEADS)
@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # AdamW as nanoGPT's small character-level recipe (β₂ 0.99, decay 0.1), a higher lr for
     # the short schedule; no global-norm clip, which would couple the two models (docstring)
     c.optim.update(name="adamw", lr=3e-3, b1=0.9, b2=0.99, weight_decay=0.1, clip_norm=None,
-                   schedule="cosine", warmup_steps=50, total_steps=c.total_steps,
+                   schedule="cosine", warmup_steps=30, total_steps=c.total_steps,
                    end_lr=3e-4)
     c.checkpoint.update(every=c.total_steps, keep=1, keep_best=0, best_metric=None,
                         async_save=False)

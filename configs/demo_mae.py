@@ -38,12 +38,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
     c.batch_size = 64
     c.eval_batch_size = 250
-    c.total_steps = 900
+    c.total_steps = 400
     c.log_every = 100
-    c.eval_every = 450
+    c.eval_every = 200
     c.optim.update(name="adamw", lr=3e-3, b1=0.9, b2=0.95, weight_decay=0.05,
-                   warmup_steps=100, total_steps=c.total_steps, schedule="cosine", clip_norm=1.0)
-    c.checkpoint.update(every=450, keep=2, keep_best=1, best_metric="reconstruction/mse",
+                   warmup_steps=50, total_steps=c.total_steps, schedule="cosine", clip_norm=1.0)
+    c.checkpoint.update(every=200, keep=2, keep_best=1, best_metric="reconstruction/mse",
                         best_mode="min")
     if args.smoke:
         config_utils.smoke_mae(c)

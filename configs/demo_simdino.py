@@ -54,12 +54,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
     c.batch_size = 64
     c.eval_batch_size = 250
-    c.total_steps = 1200
+    c.total_steps = 750
     c.log_every = 100
-    c.eval_every = 600
+    c.eval_every = 375
     c.optim.update(name="adamw", lr=5e-4, b1=0.9, b2=0.99, weight_decay=0.04,
-                   warmup_steps=100, total_steps=c.total_steps, schedule="cosine", clip_norm=3.0)
-    c.checkpoint.update(every=600, keep=2, keep_best=1, best_metric="probe/knn_top1")
+                   warmup_steps=60, total_steps=c.total_steps, schedule="cosine", clip_norm=3.0)
+    c.checkpoint.update(every=375, keep=2, keep_best=1, best_metric="probe/knn_top1")
     if args.smoke:
         config_utils.smoke_simdino(c)
     return c

@@ -41,7 +41,9 @@ from typing import Any
 
 import numpy as np
 
-DATA_CHOICES = ("synthetic_shapes", "synthetic_segmentation")
+from crate_jax.whitebox.plots import pyplot
+
+DATA_CHOICES = ("synthetic_shapes", "synthetic_segmentation", "synthetic_scenes")
 SHOW_IMAGES = 8
 
 
@@ -77,10 +79,10 @@ def _image_tower(model, config, flag: str):
     if not isinstance(tower, VisionTransformer | ToSTVision):
         raise ValueError(f"{flag}: config trainer {config.get('trainer')!r} builds "
                          f"{type(model).__name__}, not an image model")
-    if tower.cfg.block not in ("crate", "crate_alpha", "tost"):
-        raise ValueError(f"{flag}: model block {tower.cfg.block!r} is not CRATE, CRATE-α or "
-                         "ToST; "
-                         "the white-box measurements need its MSSA subspaces and sparse codes")
+    if tower.cfg.block not in ("crate", "crate_alpha", "tost", "vit"):
+        raise ValueError(f"{flag}: model block {tower.cfg.block!r} is not CRATE, CRATE-α, "
+                         "ToST or ViT (the baseline, measured on its value projections); "
+                         "the white-box measurements need attention subspaces and codes")
     return tower
 
 
@@ -124,12 +126,12 @@ def _with_params(model, params: dict, batch_stats: dict | None = None):
     """`model` with the checkpoint's parameters and, for models with BatchNorm (ToST), its
     running statistics (without them eval mode would use the initial 0 / 1)."""
     from flax import nnx
-    for kind, values in ((nnx.Param, params), (nnx.BatchStat, batch_stats)):
-        if values:
-            state = nnx.state(model, kind)
-            nnx.replace_by_pure_dict(state, values)
-            nnx.update(model, state)
-    return model
+
+    from crate_jax.models.state import set_batch_stats
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return set_batch_stats(model, batch_stats)
 
 
 def _batch_stats(directory: str, step: int | None) -> dict:
@@ -223,6 +225,9 @@ def load_images(data: str, image_size: int, num_images: int, seed: int = 0) -> d
     elif data == "synthetic_segmentation":
         source = synthetic.ShapesSegmentation("test", num_examples=num_images,
                                               image_size=image_size, max_objects=2, seed=seed)
+    elif data == "synthetic_scenes":  # cluttered multi-object scenes (whitebox_claims)
+        from crate_jax.data.synthetic_scenes import ShapesScenes
+        source = ShapesScenes("test", num_examples=num_images, image_size=image_size, seed=seed)
     else:
         raise ValueError(f"--data: unknown data {data!r}; use one of {', '.join(DATA_CHOICES)}")
     examples = [source[i] for i in range(num_images)]
@@ -360,10 +365,7 @@ def _coco_scores(runs: list[Run], args, batch: int, layer: int) -> dict[str, Any
 # --- figures ---------------------------------------------------------------------------------
 
 def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    return pyplot()
 
 
 def plot_layerwise(summaries: list[dict], path: str, *, normalization: str) -> None:
@@ -403,21 +405,29 @@ def _resize_map(values: np.ndarray, size: int, bilinear: bool = True) -> np.ndar
 def plot_attention(images: np.ndarray, cls_attention: np.ndarray, grid: tuple[int, int],
                    path: str, *, title: str) -> None:
     """cls_attention (n, K, N): rows = heads, columns = images."""
+    plot_attention_rows(images, [("head ", cls_attention)], grid, path, title=title)
+
+
+def plot_attention_rows(images: np.ndarray, groups: list[tuple[str, np.ndarray]],
+                        grid: tuple[int, int], path: str, *, title: str) -> None:
+    """One row per head of every (label, maps (n, K, N)) group, labelled label + head index,
+    one column per image; each map min-max scaled and upsampled over its image."""
     plt = _plt()
-    n, heads = cls_attention.shape[:2]
-    size = images.shape[1]
-    fig, axes = plt.subplots(heads, n, figsize=(1.4 * n, 1.4 * heads + 0.4), squeeze=False)
-    for k in range(heads):
+    n, size = len(images), images.shape[1]
+    rows = [(f"{label}{k}", maps[:, k]) for label, maps in groups for k in range(maps.shape[1])]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.4 * n, 1.4 * len(rows) + 0.4),
+                             squeeze=False)
+    for r, (label, maps) in enumerate(rows):
         for j in range(n):
-            amap = cls_attention[j, k].reshape(grid)
+            amap = maps[j].reshape(grid)
             amap = (amap - amap.min()) / max(float(np.ptp(amap)), 1e-12)
-            ax = axes[k, j]
+            ax = axes[r, j]
             ax.imshow(images[j])
             ax.imshow(_resize_map(amap, size), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if j == 0:
-                ax.set_ylabel(f"head {k}", fontsize=8)
+                ax.set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -528,6 +538,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="synthetic segmentation images scored with MaskCut (default: "
                         "--num-images, at most 64)")
     p.add_argument("--num-objects", type=int, default=2, help="MaskCut objects per image")
+    p.add_argument("--num-sequences", type=int, default=64,
+                   help="language runs: held-out rows the neurons are measured on")
+    p.add_argument("--top-neurons", type=int, default=12,
+                   help="language runs: the most active neurons shown per layer")
+    p.add_argument("--snippets", type=int, default=8,
+                   help="language runs: highest activations shown per neuron")
     p.add_argument("--seg-center", action="store_true",
                    help="subtract each image's mean patch feature before the cut")
     p.add_argument("--coco", default="auto", choices=("auto", "off"),
@@ -667,13 +683,25 @@ def _language_run(args: argparse.Namespace) -> bool:
         return json.load(f).get("trainer") in ("lm", "mlm")
 
 
+def analyze_language(args: argparse.Namespace) -> int:
+    """The neuron-level analysis of a language-model run (whitebox/neurons.py) into --out."""
+    from crate_jax.generate import load_language_run
+    from crate_jax.whitebox import neurons
+
+    run = load_language_run(args.workdir[0], causal=False)
+    summary = neurons.analyze_language_run(run, args.out, num_sequences=args.num_sequences,
+                                           top_neurons=args.top_neurons,
+                                           snippets=args.snippets)
+    print(neurons.format_summary(summary))
+    print(f"wrote {os.path.join(args.out, 'index.html')}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if _language_run(args):
-            from crate_jax.whitebox.neurons import analyze_language_run
-            analyze_language_run(args.workdir[0], args.out)
-            return 0
+            return analyze_language(args)
         analyze(args)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -30,6 +30,7 @@ from flax import nnx
 from crate_jax import tasks
 from crate_jax.convert.importers import build_loaded
 from crate_jax.data import images as image_ops
+from crate_jax.models.state import set_batch_stats, with_batch_stats
 from crate_jax.train.checkpoint import Checkpointer
 
 __all__ = ["Loaded", "eval_specs", "evaluate", "load", "read_run_config"]
@@ -52,12 +53,14 @@ def read_run_config(run_dir: str, tokenizer: str | None = None) -> ml_collection
     return config
 
 
-def _restore(run_dir: str, step: int | None, like: Any) -> dict:
-    """The run's parameters, onto this process's first device."""
+def _restore(run_dir: str, step: int | None, like: Any) -> tuple[dict, dict]:
+    """The run's parameters and BatchNorm running statistics ({} for a model without
+    BatchNorm), onto this process's first device."""
     checkpointer = Checkpointer(epath.Path(run_dir) / "checkpoints", async_save=False)
     try:
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         saved = checkpointer.restore_params(step, sharding)
+        stats = checkpointer.restore_batch_stats(step, sharding)
     finally:
         checkpointer.close()
     want = jax.tree.map(lambda x: x.shape, like)
@@ -65,7 +68,7 @@ def _restore(run_dir: str, step: int | None, like: Any) -> dict:
     if want != got:
         raise ValueError(f"{run_dir}: the checkpoint's parameters do not fit the model its "
                          "config.json describes")
-    return saved
+    return saved, stats
 
 
 @dataclasses.dataclass
@@ -156,7 +159,9 @@ def load(run_dir: str, *, step: int | None = None, tokenizer: str | None = None)
         return task.build_model(nnx.Rngs(0))
 
     abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(make), nnx.Param))
-    model = build_loaded(make, _restore(run_dir, step, abstract))
+    params, stats = _restore(run_dir, step, abstract)
+    model = build_loaded(make, params)
+    set_batch_stats(model, stats)
     model.eval()
     return Loaded(model, config, task)
 
@@ -341,6 +346,9 @@ def evaluate(workdir: str, *, kinds: list[str] | None = None, data: str = "auto"
                                                                     sharding=s),
                                   nnx.to_pure_dict(abstract_params), shardings)
             params = checkpointer.restore_param_subset(found, target)
+            # the BatchNorm running statistics (ToST's stem) that eval mode normalises with
+            rest = with_batch_stats(rest, checkpointer.restore_batch_stats(
+                found, parallel.replicated(mesh)))
         finally:
             checkpointer.close()
         results: dict[str, Any] = {"step": float(found)}

@@ -105,7 +105,11 @@ def main(argv: list[str]) -> None:
         flags.FLAGS["config"]))
     print(f"workdir {workdir}", flush=True)
     try:
-        final = train_and_evaluate(_CONFIG.value, workdir)
+        if _CONFIG.value.get("study"):  # several runs and their analysis (crate_jax/study.py)
+            from crate_jax.study import run_study
+            final = run_study(_CONFIG.value, workdir)
+        else:
+            final = train_and_evaluate(_CONFIG.value, workdir)
     except (ValueError, OSError, FloatingPointError, CheckpointDamagedError, RunFailed) as e:
         std_logging.getLogger("crate_jax").info("run failed", exc_info=True)
         log = logfile.spill()

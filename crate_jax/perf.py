@@ -129,6 +129,18 @@ def xla_flops(compiled: jax.stages.Compiled) -> float:
     return float((analysis or {}).get("flops", 0.0))
 
 
+def planned_peak_bytes(compiled: jax.stages.Compiled) -> int | None:
+    """XLA's plan for a compiled program, per device: live at the peak, at most, are the inputs,
+    the temporaries and the outputs that do not reuse an input (a donated state is updated in
+    place): argument + temp + output − alias bytes. XLA:CPU's own peak_memory_in_bytes leaves
+    the temporaries out, so it is not used. None where the backend gives no analysis."""
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return None
+    return int(memory.argument_size_in_bytes + memory.temp_size_in_bytes
+               + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+
+
 def utilisation(flops_per_step: float, step_seconds: float, num_devices: int,
                 device: jax.Device | None = None) -> float | None:
     """flops_per_step / (step time × the devices' peak) in [0, 1], or None when the peak of

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from crate_jax import generate
+from crate_jax import analyze, generate
 from crate_jax.config_check import load_config
 from crate_jax.train.loop import train_and_evaluate
 from crate_jax.whitebox import neurons
@@ -70,7 +70,8 @@ def test_generate_cli_errors_exit_2(case, run_dir, tmp_path, capsys):
 
 def test_neuron_pages_hold_snippets(run_dir, tmp_path, capsys):
     out = str(tmp_path / "neurons")
-    summary = neurons.analyze_language_run(run_dir, out, num_sequences=6, top_neurons=3,
+    run = generate.load_language_run(run_dir, causal=False)
+    summary = neurons.analyze_language_run(run, out, num_sequences=6, top_neurons=3,
                                            snippets=4)
     assert set(summary["models"]) == {"crate", "baseline"}
     crate, gpt = summary["models"]["crate"], summary["models"]["baseline"]
@@ -88,7 +89,10 @@ def test_neuron_pages_hold_snippets(run_dir, tmp_path, capsys):
     assert os.path.getsize(os.path.join(out, "neurons.png")) > 0
     page = open(os.path.join(out, "crate_layer0.html"), encoding="utf-8").read()
     assert page.count("class='snip'") >= 3 and "tok cur" in page
-    assert neurons.main(["--workdir", run_dir, "--out", out, "--num-sequences", "6",
+    assert analyze.main([f"--workdir={run_dir}", f"--out={out}", "--num-sequences", "6",
                          "--top-neurons", "1", "--snippets", "1"]) == 0
-    assert "baseline" in capsys.readouterr().out
-    assert neurons.main(["--workdir", str(tmp_path / "none"), "--out", out]) == 2
+    printed = capsys.readouterr().out
+    assert "baseline" in printed and "index.html" in printed
+    with open(os.path.join(out, "neurons.json")) as f:
+        assert len(json.load(f)["models"]["crate"]["layers"][0]["top_neurons"]) == 1
+    assert analyze.main([f"--workdir={tmp_path / 'none'}", f"--out={out}"]) == 2

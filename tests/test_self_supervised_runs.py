@@ -21,9 +21,9 @@ from crate_jax.train.loop import final_params, train_and_evaluate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"mae": os.path.join(ROOT, "configs", "demo_mae.py"),
            "simdino": os.path.join(ROOT, "configs", "demo_simdino.py")}
-STEPS = 48
+STEPS = 16
 LONG = {"total_steps": STEPS, "optim.total_steps": STEPS, "checkpoint.every": 4,
-        "log_every": 24}
+        "log_every": 8}
 
 
 def _flags(updates: dict) -> list[str]:

@@ -177,7 +177,7 @@ def test_matmul_shapes_of_a_scanned_attention():
 
 
 def test_throughput_names_model_and_hardware_rates_and_utilisations(monkeypatch):
-    clock = iter([0.0, 2.0, 3.0, 4.0])
+    clock = iter([0.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     monkeypatch.setattr("crate_jax.train.metrics.time.perf_counter", lambda: next(clock))
     monkeypatch.setattr(perf, "peak_flops", lambda device=None: 10e12)
     meter = Throughput(batch_size=64, flops=perf.StepFlops(model=8e12, hardware=12e12),
@@ -202,3 +202,18 @@ def test_throughput_names_model_and_hardware_rates_and_utilisations(monkeypatch)
     unmeasured = Throughput(batch_size=64, flops=None, total_steps=10, start_step=0)
     assert not any("flop" in k or k in ("perf/mfu", "perf/hfu") for k in
                    unmeasured.measure(step=1))
+    assert "perf/step_memory_mib" not in line  # no plan given: none logged
+    planned = Throughput(batch_size=64, flops=None, total_steps=10, start_step=0,
+                         memory_bytes=3 * 2**20)
+    assert planned.measure(step=1)["perf/step_memory_mib"] == 3.0
+
+
+def test_planned_peak_counts_a_donated_output_once():
+    """The plan's peak: inputs + temporaries + the outputs that do not overwrite an input. A
+    donated input updated in place adds nothing; without donation the output is new."""
+    x = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+    kept = jax.jit(lambda a: a + 1.0).lower(x).compile()
+    donated = jax.jit(lambda a: a + 1.0, donate_argnums=0).lower(x).compile()
+    size = 256 * 256 * 4
+    assert perf.planned_peak_bytes(kept) >= 2 * size
+    assert perf.planned_peak_bytes(kept) - perf.planned_peak_bytes(donated) == size

@@ -1,5 +1,6 @@
-"""ToST through the whole trainer (configs/demo_tost.py:smoke): 2 processes × 4 devices against
-1 process × 8 (losses, gradient norms, evaluation and the BatchNorm running statistics agree),
+"""ToST through the whole trainer (configs/demo_tost.py:smoke,model=tost): 2 processes × 4
+devices against 1 process × 8 (losses, gradient norms, evaluation and the BatchNorm running
+statistics agree),
 a SIGKILL and resume that ends bit for bit where an uninterrupted run ends (the statistics in
 the checkpoint included), and the planner on a ToST config."""
 
@@ -25,6 +26,7 @@ from multiprocess_utils import (
 from crate_jax.convert.tost import read_tost_run
 
 CONFIG = os.path.join(ROOT, "configs", "demo_tost.py")
+TOST = f"--config={CONFIG}:smoke,model=tost"  # the ToST run alone (no comparison study)
 LONG = ("--config.total_steps=12", "--config.optim.total_steps=12",
         "--config.checkpoint.every=2", "--config.log_every=4")
 
@@ -35,14 +37,14 @@ def _leaves(tree):
 
 def _main(workdir, *args):
     return subprocess.Popen(
-        [sys.executable, "-m", "crate_jax.main", f"--config={CONFIG}:smoke",
+        [sys.executable, "-m", "crate_jax.main", TOST,
          f"--workdir={workdir}", "--config.measure_flops=False", *args],
         cwd=ROOT, env=env(XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_two_processes_match_one(tmp_path):
-    pair = Pair(tmp_path, "tost", [f"--config={CONFIG}:smoke", *QUIET], timeout=900).wait()
+    pair = Pair(tmp_path, "tost", [TOST, *QUIET], timeout=900).wait()
     final = assert_runs_match(pair, ("val/",))
     assert final["val/count"] == 40
     multi, single = read_tost_run(pair.multi), read_tost_run(pair.single)
@@ -75,7 +77,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 def test_planner_compiles_a_tost_step(tmp_path):
     result = tmp_path / "plan.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "crate_jax.plan", f"--config={CONFIG}:smoke", "--mesh=fsdp:2",
+        [sys.executable, "-m", "crate_jax.plan", TOST, "--mesh=fsdp:2",
          "--max-compiles=1", f"--json={result}"], cwd=ROOT, capture_output=True, text=True,
         timeout=400, env={k: v for k, v in os.environ.items()
                           if k not in ("XLA_FLAGS", "JAX_PLATFORMS")})
@@ -102,23 +104,36 @@ def test_demo_config_names_both_models(model):
 
     c = demo_tost.get_config(f"model={model}")
     assert c.model.name == demo_tost.MODELS[model][0]
-    assert c.model.overrides.width == 64
+    assert c.model.overrides.width == 64 and "study" not in c
+    both = demo_tost.get_config(None)  # the default: the comparison of the two
+    assert both.study.models[model].name == demo_tost.MODELS[model][0]
+    assert both.study.models[model].overrides.width == 64
     with pytest.raises(ValueError, match="model='vit'"):
         demo_tost.get_config("model=vit")
 
 
-def test_demo_compares_both_models(tmp_path, capsys):
-    """`python configs/demo_tost.py smoke`: both runs, then the table."""
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import demo_tost
-
-    results = demo_tost.compare(smoke=True, root=str(tmp_path))
-    assert set(results) == {"tost", "crate"}
-    for r in results.values():
-        assert 0.0 <= r["val/top1"] <= 1.0 and r["step_s"] > 0 and r["peak_bytes"] > 0
-    out = capsys.readouterr().out
-    assert "peak MiB" in out and "tost" in out and "crate" in out
-    assert (tmp_path / "demo_tost_tost_smoke" / "checkpoints").is_dir()
+def test_demo_compares_both_models(tmp_path):
+    """`python -m crate_jax.main --config=configs/demo_tost.py:smoke`: both models trained (a
+    study, crate_jax/study.py), then the comparison printed and written; each row is what that
+    model's own metrics.jsonl logged."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "crate_jax.main", f"--config={CONFIG}:smoke",
+         f"--workdir={tmp_path}", "--config.measure_flops=False"], cwd=ROOT,
+        env=env(XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}"),
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step MiB" in proc.stdout
+    doc = json.loads((tmp_path / "comparison.json").read_text())
+    assert set(doc["models"]) == {"tost", "crate"}
+    for name, row in doc["models"].items():
+        assert (tmp_path / name / "checkpoints").is_dir()
+        logged = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+        times = [r["perf/step_time_s"] for r in logged if "perf/step_time_s" in r]
+        assert row["step_s"] == float(np.median(times)) and row["step_memory_mib"] > 0
+        assert 0.0 <= row["top1"] <= 1.0
+        assert f"{name}/step_s" in proc.stdout  # main's final line
+    # the two models' plans differ: MSSA and TSSA do not hold the same intermediates
+    assert doc["models"]["tost"]["step_memory_mib"] != doc["models"]["crate"]["step_memory_mib"]
 
 
 def test_lm_task_trains_tost_gpt(tmp_path):

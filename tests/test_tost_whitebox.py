@@ -25,7 +25,7 @@ def tost_run(tmp_path_factory):
 
     from crate_jax.train.loop import train_and_evaluate
 
-    config = demo_tost.get_config("smoke")
+    config = demo_tost.get_config("smoke,model=tost")
     config.checkpoint.async_save = False
     config.tensorboard = False
     config.total_steps = config.optim.total_steps = 2
@@ -74,3 +74,31 @@ def test_analyze_end_to_end_on_tost(tost_run, tmp_path):
                                  normalization="reference", eps=None, include_cls=True)
     assert measured["cls_attention"].shape == (2, 2, 4)  # Π: (images, heads, patches)
     np.testing.assert_allclose(measured["cls_attention"].sum(1), 1.0, rtol=1e-5)
+
+
+def test_inference_and_evaluate_use_the_checkpoints_batchnorm_statistics(tost_run,
+                                                                          monkeypatch):
+    """Eval-mode BatchNorm normalises with the running statistics: `inference.load` and
+    `evaluate` must carry the checkpoint's, not the initial 0 / 1."""
+    from flax import nnx
+
+    from crate_jax import inference
+    from crate_jax.evals.probe import ProbeEvaluator
+    from crate_jax.models.state import batch_stats_of
+
+    _, stats, _ = read_tost_run(tost_run)
+    want = stats["stem"]["norm_0"]["mean"]
+    assert float(np.abs(want).sum()) > 0  # trained: not the initial zeros
+    loaded = inference.load(tost_run)
+    np.testing.assert_array_equal(batch_stats_of(loaded.model)["stem"]["norm_0"]["mean"], want)
+
+    seen = {}
+
+    def capture(self, graphdef, params, rest, mesh):
+        batch, _ = nnx.split_state(rest, nnx.BatchStat, ...)
+        seen["mean"] = np.asarray(nnx.to_pure_dict(batch)["stem"]["norm_0"]["mean"])
+        return {}
+
+    monkeypatch.setattr(ProbeEvaluator, "run", capture)
+    inference.evaluate(tost_run, kinds=["probe"], data="synthetic", num_examples=8)
+    np.testing.assert_array_equal(seen["mean"], want)

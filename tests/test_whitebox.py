@@ -210,11 +210,33 @@ def test_summary_std_is_the_references():
     one = cr.summarize({"rate": np.ones((1, 3)), "sparsity": np.ones((1, 3))})
     assert np.isnan(one["rate_std"]).all() and one["sparsity_std"] == [0.0, 0.0, 0.0]
 
-def test_measure_refuses_vit():
-    model = nnx.eval_shape(lambda: models.create("vit-ti/8", width=32, depth=1, heads=2,
-                                                 image_size=16, mlp_dim=64))
-    with pytest.raises(ValueError, match="CRATE"):
-        cr.measure(model, jnp.zeros((1, 16, 16, 3)))
+def test_measure_vit_baseline_on_value_projections():
+    """A ViT (the baseline of the white-box claims) is measured on its heads' value
+    projections LN(Z)·W_v,k + b_v,k; its codes are the MLP's GELU activations (≤ 0 counts as
+    zero) and its objective has no λ‖A‖₀ term."""
+    model = _random_model("vit-ti/8", seed=8, num_classes=4, mlp_dim=64)
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(2, 16, 16, 3)), jnp.float32)
+    _, inter = model(x, collect=True)
+    got = {k: np.asarray(v) for k, v in cr.measure(model, x, inter=inter).items()}
+    points = [np.asarray(inter["tokens_in"]), *np.asarray(inter["tokens_out"])]
+    for j, tokens in enumerate(points):
+        attn = model.encoder.layer(min(j, 1)).attn
+        ln = ref.layer_norm(tokens, np.asarray(attn.norm.scale[...]),
+                            np.asarray(attn.norm.bias[...]), attn.norm.eps)
+        v = np.einsum("bnd,dhk->bnhk", ln, np.asarray(attn.value[...])) + np.asarray(
+            attn.value_bias[...])
+        n, p = v.shape[1], v.shape[3]
+        for b in range(2):
+            for k in range(2):
+                want = _np_rate(_np_unit(v[b, :, k]), p / (n * 0.01))
+                np.testing.assert_allclose(got["compression_heads"][b, j, k], want,
+                                           rtol=2e-4, atol=1e-4)
+    codes = np.asarray(inter["codes"])
+    np.testing.assert_allclose(got["sparsity"], (codes <= 0).mean(axis=(2, 3)).T, rtol=1e-6)
+    np.testing.assert_allclose(got["objective"], got["rate"][:, 1:] - got["compression"][:, 1:],
+                               rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="image model"):
+        cr.measure(object(), x)
 
 
 # --- normalised cut ----------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from crate_jax.convert.crate_mae import (
 from crate_jax.convert.export import (
     EXPORT_FORMATS,
     compatibility_notes,
-    export_weights,
     to_crate_alpha_torch,
     to_crate_torch,
 )
@@ -37,9 +36,9 @@ from crate_jax.convert.importers import (
     import_crate_alpha_npz,
     import_crate_alpha_torch,
     import_crate_torch,
-    import_weights,
     resize_imported,
 )
+from crate_jax.convert.layouts import export_weights, import_weights
 from crate_jax.convert.runs import load_run, run_config, write_run
 
 __all__ = [

@@ -115,7 +115,7 @@ def _import(args: argparse.Namespace) -> None:
     from crate_jax.convert.clipa import LAYOUT as CLIPA
     from crate_jax.convert.clipa import ImportedClip
     from crate_jax.convert.crate_mae import ImportedMAE
-    from crate_jax.convert.importers import import_weights
+    from crate_jax.convert.layouts import import_weights
     from crate_jax.convert.runs import write_run
 
     fields = {k: _json_value(v) for k, v in _pairs(args.set, "--set").items()}
@@ -162,7 +162,7 @@ def _import(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from crate_jax.convert.export import export_weights
+    from crate_jax.convert.layouts import export_weights
     from crate_jax.convert.runs import load_run
     from crate_jax.convert.tost import LAYOUTS as TOST_LAYOUTS
     from crate_jax.convert.tost import export_tost

@@ -42,6 +42,7 @@ from flax import nnx
 
 from crate_jax import models
 from crate_jax.convert.export import per_layer_flat
+from crate_jax.convert.files import save_weights
 from crate_jax.convert.importers import (
     ConversionError,
     _apply,
@@ -372,3 +373,16 @@ def to_crate_alpha_clipa_torch(params: Mapping[Any, Any],
         raise ConversionError(f"cannot export to {LAYOUT}: parameters the layout has no place "
                               f"for: {', '.join(leftover)}")
     return {k: np.array(v, order="C") for k, v in out.items()}  # 0-d stays 0-d
+
+
+def export_crate_alpha_clipa_torch(params: Mapping[Any, Any], path: Any,
+                                   cfg: ClipConfig) -> list[str]:
+    """Write a two-tower run's `params` in the release layout to `path`; the metadata records
+    both towers' heads (the import reads them back). No compatibility notes: the layout holds
+    everything the towers compute."""
+    image = models.config_for(cfg.image, **dict(cfg.image_overrides))
+    text = models.config_for(cfg.text, **dict(cfg.text_overrides))
+    save_weights(to_crate_alpha_clipa_torch(params, cfg), path,
+                 {"format": "pt", "layout": LAYOUT, "producer": "crate_jax.convert",
+                  "heads": str(image.heads), "text_heads": str(text.heads)})
+    return []

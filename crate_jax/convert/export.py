@@ -2,7 +2,7 @@
 
     to_crate_alpha_torch(params, cfg)   our CRATE-α → the CRATE-α PyTorch port's state_dict
     to_crate_torch(params, cfg)         our CRATE   → the CRATE PyTorch state_dict
-    export_weights(params, layout, path, cfg)   … written as .safetensors (NumPy only) or .pth
+    export_crate(params, layout, path, cfg)     … written as .safetensors (NumPy only) or .pth
 
 `params` is a pure parameter dict (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`, or what
 `crate_jax.train.loop.final_params` returns: layer keys may be ints or strings). The mapping is
@@ -31,7 +31,7 @@ from crate_jax.models import layer_stack
 from crate_jax.models.config import VisionConfig
 from crate_jax.models.layers import sincos_2d
 
-__all__ = ["EXPORT_FORMATS", "compatibility_notes", "export_weights", "to_crate_alpha_torch",
+__all__ = ["EXPORT_FORMATS", "compatibility_notes", "export_crate", "to_crate_alpha_torch",
            "to_crate_torch"]
 
 EXPORT_FORMATS = ("crate-alpha-torch", "crate-torch", "crate-alpha-clipa-torch",
@@ -205,41 +205,11 @@ def to_crate_torch(params: Mapping[Any, Any],
 EXPORTERS = {"crate-alpha-torch": to_crate_alpha_torch, "crate-torch": to_crate_torch}
 
 
-def export_weights(params: Mapping[Any, Any], layout: str, path: str | os.PathLike,
-                   cfg: Any = None, *,
-                   name: str | None = None) -> list[str]:
-    """Write `params` in `layout` to `path` (.safetensors or .npz without torch; .pth/.pt/.bin
-    with torch). A .safetensors file records the layout, the heads and the model `name` /
-    config in its metadata (the import reads the heads back from it). Returns the
-    compatibility notes."""
-    from crate_jax.convert import clipa, crate_mae
-    from crate_jax.models.autoencoder import MAEConfig
-
-    autoencoder = isinstance(cfg, MAEConfig)
-    if autoencoder != (layout == crate_mae.LAYOUT):
-        what = ("a masked autoencoder run" if autoencoder else
-                "a run without config.json" if cfg is None else f"a {type(cfg).__name__} run")
-        raise ConversionError(f"{what} cannot be exported as {layout}" + (
-            f"; use {crate_mae.LAYOUT}" if autoencoder else
-            " (it takes a masked autoencoder run: config.json with trainer 'mae')"))
-    if layout == crate_mae.LAYOUT:
-        return crate_mae.export_crate_mae_torch(params, path, cfg, name=name)
-    if layout == "dino-vit-torch":  # DINO / SimDINO ViT backbones (convert/dino_vit.py)
-        from crate_jax.convert.dino_vit import export_dino_vit_torch
-
-        return export_dino_vit_torch(params, path, cfg, name=name)
-    two_tower = isinstance(cfg, clipa.ClipConfig)
-    if two_tower != (layout == clipa.LAYOUT):
-        raise ConversionError(f"a {'two-tower' if two_tower else 'single-tower'} run cannot be "
-                              f"exported as {layout}" + (
-                                  f"; use {clipa.LAYOUT}" if two_tower else ""))
-    if two_tower:
-        image = models.config_for(cfg.image, **dict(cfg.image_overrides))
-        text = models.config_for(cfg.text, **dict(cfg.text_overrides))
-        save_weights(clipa.to_crate_alpha_clipa_torch(params, cfg), path,
-                     {"format": "pt", "layout": layout, "producer": "crate_jax.convert",
-                      "heads": str(image.heads), "text_heads": str(text.heads)})
-        return []
+def export_crate(params: Mapping[Any, Any], layout: str, path: str | os.PathLike,
+                 cfg: Any = None, *, name: str | None = None) -> list[str]:
+    """Write a CRATE / CRATE-α classifier's `params` in `layout` ('crate-torch' or
+    'crate-alpha-torch') to `path`; the .safetensors metadata records the layout, the heads,
+    the model `name` and `cfg`. Returns the compatibility notes."""
     notes = compatibility_notes(cfg, layout)
     state_dict = EXPORTERS[layout](params, cfg)
     metadata = {"format": "pt", "layout": layout, "producer": "crate_jax.convert"}

@@ -7,7 +7,8 @@ Three source layouts:
     'crate-alpha-npz'    CRATE-α big_vision .npz, '/'-joined keys, proj (d, K, p), out (K, p, d)
 
 (the two-tower 'crate-alpha-clipa-torch' and the masked autoencoder 'crate-mae-torch' have
-their own modules, convert/clipa.py and convert/crate_mae.py; `import_weights` reads all five).
+their own modules, convert/clipa.py and convert/crate_mae.py; `convert.layouts.import_weights`
+reads every layout).
 
 Each importer reads the model size off the tensor shapes — width (a vote over the tensors that
 carry it, so that one wrong tensor is reported rather than believed), depth (the layer indices),
@@ -54,7 +55,7 @@ from crate_jax.models.resize import resize_patch_kernel, resize_posemb
 __all__ = [
     "FORMATS", "ConversionError", "Entry", "Imported", "apply_spec", "check_against_model",
     "flatten_source",
-    "import_crate_alpha_npz", "import_crate_alpha_torch", "import_crate_torch", "import_weights",
+    "import_crate_alpha_npz", "import_crate_alpha_torch", "import_crate_torch",
     "resize_imported",
 ]
 
@@ -710,33 +711,3 @@ IMPORTERS: dict[str, Callable[..., Imported]] = {
     "crate-alpha-torch": import_crate_alpha_torch,
     "crate-alpha-npz": import_crate_alpha_npz,
 }
-
-
-def import_weights(source: Any, layout: str, **kwargs: Any) -> Imported:
-    """Import `source` (a path to a .pth/.pt/.bin/.ckpt, .npz or .safetensors file, or a mapping
-    already in memory) as `layout` (one of FORMATS); kwargs go to the layout's importer."""
-    if layout not in FORMATS:
-        raise ValueError(f"unknown checkpoint layout {layout!r}; layouts are {list(FORMATS)}")
-    if layout == "dino-vit-torch":  # DINO / SimDINO ViTs: convert/dino_vit.py reads the file
-        from crate_jax.convert.dino_vit import import_dino_vit_torch  # (args: a Namespace)
-
-        return import_dino_vit_torch(source, **kwargs)
-    if layout in ("tost-torch", "tost-gpt-torch"):  # ToST (convert/tost.py)
-        from crate_jax.convert.tost import import_tost
-
-        return import_tost(source, layout, **kwargs)
-    if not isinstance(source, Mapping):
-        from crate_jax.convert.files import load_weights
-
-        source, metadata = load_weights(source)
-        if metadata and kwargs.get("metadata") is None:
-            kwargs["metadata"] = metadata
-    if layout == "crate-alpha-clipa-torch":  # the two-tower release (convert/clipa.py)
-        from crate_jax.convert.clipa import import_crate_alpha_clipa_torch
-
-        return import_crate_alpha_clipa_torch(source, **kwargs)
-    if layout == "crate-mae-torch":  # the masked autoencoder (convert/crate_mae.py)
-        from crate_jax.convert.crate_mae import import_crate_mae_torch
-
-        return import_crate_mae_torch(source, **kwargs)
-    return IMPORTERS[layout](source, **kwargs)

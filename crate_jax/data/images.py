@@ -2,6 +2,8 @@
 
 Sources (random access, `source[i] -> {'image': uint8 HWC or encoded bytes, 'label': int}`):
     synthetic_shapes   procedurally generated shapes (crate_jax.data.synthetic), no files
+    synthetic_scenes   cluttered multi-object scenes labelled by their largest object
+                       (crate_jax.data.synthetic_scenes), no files
     tfds               any TFDS image dataset prepared in ArrayRecord format (imagenet2012,
                        cifar10, an ImageNet-21K builder ...), read from its files through
                        crate_jax.data.tfds_source without tensorflow
@@ -57,13 +59,20 @@ def image_source(data: Any, split: str):
         return ShapesClassification(split, num_examples=num, image_size=data.image_size,
                                     num_classes=data.num_classes, seed=data.get("seed", 0),
                                     background=data.get("background", "texture"))
+    if kind == "synthetic_scenes":
+        from crate_jax.data.synthetic_scenes import ShapesScenes
+        num = data.get("num_train_examples" if split == "train" else "num_eval_examples")
+        return ShapesScenes(split, num_examples=num, image_size=data.image_size,
+                            num_classes=data.num_classes, seed=data.get("seed", 0),
+                            min_objects=data.get("min_objects", 2),
+                            max_objects=data.get("max_objects", 4))
     if kind == "tfds":
         from crate_jax.data.tfds_source import open_data_source
         return open_data_source(data.name, split, data.get("data_dir"), setting="data")
     if kind == "folder":
         return ImageFolder(data.data_dir, split)
     raise ValueError(f"data.source: unknown source {kind!r}; "
-                     "use 'synthetic_shapes', 'tfds' or 'folder'")
+                     "use 'synthetic_shapes', 'synthetic_scenes', 'tfds' or 'folder'")
 
 
 def to_pil(image: Any) -> Image.Image:

@@ -525,3 +525,15 @@ class ShapesSegmentation(_ShapesBase):
 
     def __getitem__(self, index: int) -> dict:
         return self._generate(index)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks shared with the multi-object scenes (crate_jax/data/synthetic_scenes.py)
+
+shape_mask = _unit_mask
+smooth_background = _background
+
+
+def shape_radius(shape: int, area_frac: float, size: int) -> float:
+    """Half-size in pixels of a `shape` covering `area_frac` of a size × size image."""
+    return _radius(shape, area_frac, size)

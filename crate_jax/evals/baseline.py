@@ -8,8 +8,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+from crate_jax.evals.base import Evaluator
 from crate_jax.parallel import replicated
-from crate_jax.tasks.base import Evaluator
 
 
 class AtInitialisation(Evaluator):

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from crate_jax.evals.base import Evaluator
 from crate_jax.models.state import merge_model
 from crate_jax.parallel import host_batch_to_global, replicated
-from crate_jax.tasks.base import Evaluator
 
 PerExample = Callable[[nnx.Module, dict], dict[str, jax.Array]]
 

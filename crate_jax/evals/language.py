@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crate_jax.evals.base import Evaluator
 from crate_jax.evals.classification import masked_sums
 from crate_jax.parallel import host_batch_to_global, replicated
-from crate_jax.tasks.base import Evaluator
 
 # (model, batch) -> {member: (Σ nll, Σ correct, Σ weight) per row (B,)}
 RowSums = Callable[..., dict[str, tuple[jax.Array, jax.Array, jax.Array]]]

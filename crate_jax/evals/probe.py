@@ -21,8 +21,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from crate_jax.evals.base import Evaluator
 from crate_jax.evals.embedding import Batches, Embedder, Protocol, l2_normalize, label_rank
-from crate_jax.tasks.base import Evaluator
 from crate_jax.whitebox.coding_rate import coding_rate
 
 KNN_K, KNN_TEMPERATURE = 20, 0.07

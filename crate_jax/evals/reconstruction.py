@@ -24,12 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from crate_jax.evals.base import Evaluator
 from crate_jax.evals.classification import masked_sums, run_masked_average
 from crate_jax.models.autoencoder import random_mask
 from crate_jax.models.layers import patchify
 from crate_jax.models.state import merge_model
 from crate_jax.parallel import host_batch_to_global, replicated
-from crate_jax.tasks.base import Evaluator
+from crate_jax.whitebox.plots import pyplot
 
 EVAL_MASK_SEED = 20_240_201
 
@@ -137,7 +138,6 @@ class ReconstructionEvaluator(Evaluator):
 
     def write_figure(self, out: dict, cfg, real: np.ndarray) -> str:
         """input | masked | reconstruction for the first real examples, written atomically."""
-        from crate_jax.analyze import _plt
         n = int(min(self.figure_images, (np.asarray(real) > 0).sum()))
         pixels, pred, mask = (np.asarray(out[k])[:n] for k in ("pixels", "pred", "mask"))
         hidden = mask[..., None]
@@ -145,7 +145,7 @@ class ReconstructionEvaluator(Evaluator):
         pasted = np.where(hidden, pred, pixels)
         rows = [unpatchify(x, cfg.grid, cfg.patch_size) for x in (pixels, masked, pasted)]
         lo, hi = np.nanmin(rows[0]), np.nanmax(rows[0])
-        plt = _plt()
+        plt = pyplot()
         fig, axes = plt.subplots(3, n, figsize=(1.4 * n, 4.4), squeeze=False)
         for r, (row, title) in enumerate(zip(rows, ("input", "masked", "reconstruction"),
                                              strict=True)):

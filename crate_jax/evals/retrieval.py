@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crate_jax.evals.base import Evaluator
 from crate_jax.evals.embedding import TIE_TOLERANCE, Batches, Embedder, Protocol
-from crate_jax.tasks.base import Evaluator
 
 
 def _positive_rank(sim: np.ndarray, positive: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from importlib import resources
 import jax
 import numpy as np
 
+from crate_jax.evals.base import Evaluator
 from crate_jax.evals.embedding import (
     TIE_TOLERANCE,
     Batches,
@@ -29,7 +30,6 @@ from crate_jax.evals.embedding import (
     l2_normalize,
     topk_accuracy,
 )
-from crate_jax.tasks.base import Evaluator
 
 # Template sets by name: a spec's `templates` is one of these or a file (one per line, '{}').
 IMAGENET_TEMPLATES = "openai_imagenet_80"

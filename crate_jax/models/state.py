@@ -34,6 +34,17 @@ def batch_stats_of(model: nnx.Module) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
 
+def set_batch_stats(model: nnx.Module, stats: dict | None) -> nnx.Module:
+    """`model` (changed in place) with its nnx.BatchStat values set from `stats`, a pure dict
+    as a checkpoint's 'batch_stats'. Eval-mode BatchNorm (ToST's stem) normalises with these;
+    without them it would use the initial 0 / 1. Nothing is done when `stats` is empty."""
+    if stats:
+        state = nnx.state(model, nnx.BatchStat)
+        nnx.replace_by_pure_dict(state, stats)
+        nnx.update(model, state)
+    return model
+
+
 def split_batch_stats(rest: nnx.State) -> tuple[nnx.State, nnx.State]:
     """(the nnx.BatchStat part, everything else) of a model's non-parameter state."""
     return nnx.split_state(rest, nnx.BatchStat, ...)

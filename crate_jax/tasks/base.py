@@ -13,21 +13,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from crate_jax.evals.base import Evaluator
 
-class Evaluator(abc.ABC):
-    """Runs periodically on the current parameters; returns metrics named '{name}/...'.
-    An evaluator that writes files (figures) writes them into `output_dir`, which the training
-    loop sets to the workdir once it exists (None: write nothing). `protocol` records how its
-    numbers are measured (data set, split, preprocessing, rule), so that crate_jax.evaluate
-    reports every number with it."""
-
-    name: str
-    output_dir: str | None = None
-    protocol: dict[str, Any] | None = None
-
-    @abc.abstractmethod
-    def run(self, graphdef: nnx.GraphDef, params: dict, rest: nnx.State,
-            mesh: jax.sharding.Mesh) -> dict[str, float]: ...
+__all__ = ["Evaluator", "Task"]
 
 
 class Task(abc.ABC):

@@ -38,7 +38,7 @@ from crate_jax.parallel import (
     maybe_initialize_distributed,
 )
 from crate_jax.parallel.sharding import data_parallel_size
-from crate_jax.perf import StepFlops
+from crate_jax.perf import StepFlops, planned_peak_bytes
 from crate_jax.train import logfile, signals
 from crate_jax.train import workdir as workdir_files
 from crate_jax.train.checkpoint import Checkpointer
@@ -262,7 +262,7 @@ def _train(run: _Run, state: dict, start: int, throughput: Throughput
 
 
 def _header(run: _Run, params: dict, start: int, compile_s: float,
-            flops: StepFlops | None) -> None:
+            flops: StepFlops | None, memory: int | None) -> None:
     if jax.process_index() != 0:
         return
     config = run.config
@@ -272,7 +272,9 @@ def _header(run: _Run, params: dict, start: int, compile_s: float,
               if flops else "")
     print(f"{config.trainer}: {name}, {sum(x.size for x in jax.tree.leaves(params)):,} "
           f"parameters, mesh {dict(run.mesh.shape)}, batch {config.batch_size}, steps "
-          f"{start}→{config.total_steps}, compiled in {compile_s:.1f}s{gflops}", flush=True)
+          f"{start}→{config.total_steps}, compiled in {compile_s:.1f}s{gflops}"
+          + ("" if memory is None else f", step memory {memory / 2**20:,.1f} MiB per device "
+             "(XLA's plan)"), flush=True)
     if run.state.frozen:
         print("trainable parameters by group: " + group_counts(params, run.state.frozen),
               flush=True)
@@ -316,13 +318,15 @@ def _run_from(run: _Run, params: dict, compile_s: float, flops: StepFlops | None
     """Resume or start, then train to total_steps; (final state, last evaluation)."""
     config = run.config
     state, start = _initial_state(run, params)
-    _header(run, params, start, compile_s, flops)
+    memory = planned_peak_bytes(run.train_step)
+    _header(run, params, start, compile_s, flops, memory)
     if run.stop.should_stop(start):
         print(f"stopping at startup after a termination signal; nothing new to save "
               f"(the same command resumes from step {start})", flush=True)
         return state, {}
     throughput = Throughput(batch_size=config.batch_size, flops=flops,
-                            total_steps=config.total_steps, start_step=start)
+                            total_steps=config.total_steps, start_step=start,
+                            memory_bytes=memory)
     state, final = _train(run, state, start, throughput)
     if not final and run.evaluators and start >= config.total_steps:
         final = _evaluate(run, state, start)  # a finished run, started again

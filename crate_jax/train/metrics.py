@@ -184,12 +184,15 @@ class MetricWriter:
 class Throughput:
     """Step time, examples/s, model and hardware TFLOP/s per device, MFU and HFU (on devices
     with a known peak) and ETA between two progress lines. `flops` holds the two counts of
-    one step of the global batch (perf.StepFlops; None: not measured)."""
+    one step of the global batch (perf.StepFlops; None: not measured); `memory_bytes` XLA's
+    planned peak of the compiled step per device (perf.planned_peak_bytes), logged with every
+    line as perf/step_memory_mib."""
 
     def __init__(self, *, batch_size: int, flops: perf.StepFlops | None, total_steps: int,
-                 start_step: int):
+                 start_step: int, memory_bytes: int | None = None):
         self.batch_size = batch_size
         self.flops = flops
+        self.memory_bytes = memory_bytes
         self.total_steps = total_steps
         self.num_devices = jax.device_count()
         self.peak = perf.peak_flops()
@@ -203,6 +206,8 @@ class Throughput:
         out = {"perf/step_time_s": step_time,
                "perf/examples_per_s": self.batch_size / step_time,
                "perf/eta_s": step_time * (self.total_steps - step)}
+        if self.memory_bytes is not None:
+            out["perf/step_memory_mib"] = self.memory_bytes / 2**20
         if self.flops is not None:
             for kind, name in (("model", "mfu"), ("hardware", "hfu")):
                 per_device = getattr(self.flops, kind) / step_time / self.num_devices

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_jax.whitebox.coding_rate import compression_per_head, summarize
+from crate_jax.whitebox.plots import pyplot
 
 
 def measure_decoder(model: Any, images: jax.Array, *, normalization: str = "reference",
@@ -46,8 +47,7 @@ def decoder_summary(per_image: dict[str, np.ndarray]) -> dict[str, Any]:
 def plot_autoencoder(summaries: list[dict], path: str, *, normalization: str) -> None:
     """Rᶜ through the encoder (points 0 … L) and on through the decoder (L … 2L), one curve
     per run that has a CRATE decoder."""
-    from crate_jax.analyze import _plt
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for s in summaries:
         enc, dec = s["compression_mean"], s["decoder"]["compression_mean"]

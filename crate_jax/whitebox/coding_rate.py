@@ -165,9 +165,20 @@ def _check_model(model) -> None:
     if cfg is None or not hasattr(cfg, "patch_size"):
         raise ValueError("white-box measurements need an image model (VisionTransformer); got "
                          f"{type(model).__name__}")
-    if cfg.block not in ("crate", "crate_alpha", "tost"):
-        raise ValueError(f"white-box measurements need a CRATE, CRATE-α or ToST model; block "
-                         f"{cfg.block!r} has no MSSA / TSSA subspaces U or sparse codes")
+    if cfg.block not in ("crate", "crate_alpha", "tost", "vit"):
+        raise ValueError(f"white-box measurements need a CRATE, CRATE-α, ToST or ViT model; "
+                         f"block {cfg.block!r} has no attention subspaces or codes")
+
+
+def _head_projections(attn, tokens: jax.Array, block: str) -> jax.Array:
+    """(B, N, K, p): each head's coordinates of the tokens. A ViT has no shared U_k; its
+    stand-in is the value projection V_k = LN(Z)·W_v,k + b_v,k, the coordinates the head
+    mixes and writes back."""
+    if block != "vit":
+        return attn.project(tokens)
+    x = attn.norm(tokens)
+    return (jnp.einsum("bnd,dhk->bnhk", x, attn.value[...].astype(x.dtype))
+            + attn.value_bias[...].astype(x.dtype))
 
 
 def measure(model, images, *, normalization: Normalization = "reference",
@@ -188,6 +199,9 @@ def measure(model, images, *, normalization: Normalization = "reference",
     (the cls token joins after the TSSA layers), so `include_cls` changes nothing; the codes
     are the MLP's GELU activations, whose sparsity is the fraction ≤ 0 (a GELU is never
     exactly 0), and the objective is R − Rᶜ (no λ‖A‖₀: ToST has no sparse-coding step).
+    ViT (a baseline, no white-box operator): Rᶜ on the heads' value projections
+    LN(Z)·W_v,k + b_v,k, codes = the MLP's GELU activations counted like ToST's, objective
+    R − Rᶜ.
     """
     _check_model(model)
     _check_normalization(normalization)
@@ -197,22 +211,24 @@ def measure(model, images, *, normalization: Normalization = "reference",
     layers = [model.encoder.layer(i) for i in range(depth)]
     points = [inter["tokens_in"], *[inter["tokens_out"][i] for i in range(depth)]]
     tost = model.cfg.block == "tost"
+    gelu_codes = model.cfg.block in ("tost", "vit")
     start = 0 if include_cls or tost else 1
     heads, rates = [], []
     for j, tokens in enumerate(points):
         attn = layers[min(j, depth - 1)].attn
         tokens = tokens[:, start:]
-        heads.append(compression_per_head(attn.project(tokens), normalization, eps))
+        heads.append(compression_per_head(_head_projections(attn, tokens, model.cfg.block),
+                                          normalization, eps))
         rates.append(rate_of_tokens(attn.norm(tokens), normalization, eps))
     heads = jnp.stack(heads, axis=1)
     codes = inter["codes"][:, :, start:]
-    if tost:  # GELU activations: the inactive ones are ≤ 0, never exactly 0
+    if gelu_codes:  # GELU activations: the inactive ones are ≤ 0, never exactly 0
         codes = jnp.where(codes <= 0, 0.0, codes)
     sparse = jnp.swapaxes(sparsity(codes), 0, 1)  # (B, L)
     l0 = (1.0 - sparse) * codes.shape[-2] * codes.shape[-1]
     compression = heads.sum(-1)
     rate = jnp.stack(rates, axis=1)
-    lam = 0.0 if tost else float(model.cfg.lam)
+    lam = 0.0 if gelu_codes else float(model.cfg.lam)
     objective = rate[:, 1:] - compression[:, 1:] - lam * l0
     return dict(compression=compression, compression_heads=heads, rate=rate, sparsity=sparse,
                 l0=l0, objective=objective)

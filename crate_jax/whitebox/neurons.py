@@ -2,8 +2,8 @@
 bidirectional encoder): how sparse each layer's code is, which held-out text makes its most
 active neurons fire, and how monosemantic they look.
 
-    python -m crate_jax.whitebox.neurons --workdir=RUN --out=DIR \
-        [--num-sequences 64] [--top-neurons 12] [--snippets 8]
+    python -m crate_jax.analyze --workdir=RUN --out=DIR \
+        [--num-sequences 64] [--top-neurons 12] [--snippets 8]      (the command line)
 
 The code of a layer, one vector a_t ∈ R^C per token t (encoder `collect=True`, 'codes'):
 
@@ -38,13 +38,10 @@ summary `analyze_language_run` returns). A side-by-side run
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import os
-import sys
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -239,22 +236,20 @@ def analyze_model(name: str, model: Any, run: Any, inputs: np.ndarray, real: np.
                 sparsity_definition=SPARSITY_DEFINITION[block], layers=layers)
 
 
-def analyze_language_run(workdir: str, out: str, *, num_sequences: int = 64,
+def analyze_language_run(run: Any, out: str, *, num_sequences: int = 64,
                          top_neurons: int = 12, snippets: int = 8) -> dict:
-    """Analyse the LM run (causal, or masked: its bidirectional encoder) in `workdir`
-    (module docstring); writes index.html, one page per model and layer and neurons.json
-    into `out`, and returns the summary."""
-    from crate_jax.generate import load_language_run
+    """Analyse a loaded LM run (`crate_jax.generate.load_language_run(workdir, causal=False)`:
+    causal, or masked with its bidirectional encoder; module docstring); writes index.html,
+    one page per model and layer and neurons.json into `out`, and returns the summary."""
     for flag, value in (("num_sequences", num_sequences), ("top_neurons", top_neurons),
                         ("snippets", snippets)):
         if value < 1:
             raise ValueError(f"{flag}={value}: must be ≥ 1")
-    run = load_language_run(workdir, causal=False)
     inputs, real, split = _sample(run, num_sequences)
     os.makedirs(out, exist_ok=True)
     batch = max(1, 2048 // inputs.shape[1])  # the collected attention maps grow with L²
     summary: dict[str, Any] = dict(
-        workdir=os.path.abspath(workdir), step=run.step, split=split,
+        workdir=os.path.abspath(run.workdir), step=run.step, split=split,
         sequences=len(inputs), tokens=int(real.sum()), score_k=SCORE_K,
         score="token concentration of the top-k activations (module docstring)", models={})
     for name, model in run.language_models().items():
@@ -282,28 +277,3 @@ def format_summary(summary: dict) -> str:
                          f"{layer['dead_fraction']:6.3f} {fmt(layer['monosemanticity'])} "
                          f"{fmt(layer['monosemanticity_top']):>8} {layer['chance']:6.3f}")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m crate_jax.whitebox.neurons",
-                                description="Neuron-level analysis of a causal LM run.")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--num-sequences", type=int, default=64)
-    p.add_argument("--top-neurons", type=int, default=12)
-    p.add_argument("--snippets", type=int, default=8)
-    args = p.parse_args(argv)
-    try:
-        summary = analyze_language_run(args.workdir, args.out,
-                                       num_sequences=args.num_sequences,
-                                       top_neurons=args.top_neurons, snippets=args.snippets)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    print(f"wrote {os.path.join(args.out, 'index.html')}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
