@@ -31,8 +31,10 @@ import shutil
 import time
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from crate_jax import analyze
 from crate_jax.train.loop import train_and_evaluate
@@ -220,8 +222,8 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
 def run_figures(workdir: str, top1: float | None) -> dict[str, float | None]:
     """One trained model's row: validation top-1, the median logged step time and XLA's
     planned step memory per device (both from its metrics.jsonl)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    text = epath.Path(workdir, "metrics.jsonl").read_text()  # local or gs://
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     times = [r["perf/step_time_s"] for r in rows if "perf/step_time_s" in r]
     memory = [r["perf/step_memory_mib"] for r in rows if "perf/step_memory_mib" in r]
     return {"top1": top1, "step_s": float(np.median(times)) if times else None,
@@ -234,6 +236,10 @@ def compare_runs(config: ml_collections.ConfigDict, workdir: str,
     step memory side by side; returns them flat ('tost/step_s', ...) for main's final line."""
     rows = {name: {"model": config.study.models[name].name, **run_figures(
         os.path.join(workdir, name), finals[name].get("val/top1"))} for name in finals}
+    flat = {f"{name}/{k}": float(v) for name, r in rows.items()
+            for k, v in r.items() if k != "model" and v is not None}
+    if jax.process_index() != 0:  # one table and one file, however many processes
+        return flat
     print(f"{'model':<12} {'registry name':<18} {'val top1':>8} {'step s':>8} "
           f"{'step MiB':>9}", flush=True)
     for name, r in rows.items():
@@ -241,15 +247,13 @@ def compare_runs(config: ml_collections.ConfigDict, workdir: str,
                  (("top1", "{:.3f}"), ("step_s", "{:.3f}"), ("step_memory_mib", "{:,.1f}"))]
         print(f"{name:<12} {r['model']:<18} {cells[0]:>8} {cells[1]:>8} {cells[2]:>9}",
               flush=True)
-    with open(os.path.join(workdir, "comparison.json"), "w") as f:
-        json.dump({"settings": {"image_size": config.data.get("image_size"),
-                                "batch_size": config.batch_size,
-                                "total_steps": config.total_steps,
-                                "step_s": "median of the logged step times",
-                                "step_memory_mib": "XLA's planned peak per device"},
-                   "models": rows}, f, indent=1)
-    return {f"{name}/{k}": float(v) for name, r in rows.items()
-            for k, v in r.items() if k != "model" and v is not None}
+    doc = {"settings": {"image_size": config.data.get("image_size"),
+                        "batch_size": config.batch_size, "total_steps": config.total_steps,
+                        "step_s": "median of the logged step times",
+                        "step_memory_mib": "XLA's planned peak per device"},
+           "models": rows}
+    epath.Path(workdir, "comparison.json").write_text(json.dumps(doc, indent=1))
+    return flat
 
 
 def _copy_to_docs(out: str, docs_dir: str) -> None:
