@@ -206,31 +206,9 @@ def clipa_config(*, image: str, text: str, embed_dim: int, arg: str | None,
         image=image, image_overrides=dict(pool="cls", stem_bias=False, dtype="bfloat16",
                                           remat="dots"),
         text=text, text_overrides=dict(dtype="bfloat16"), embed_dim=embed_dim))
-    c.data = ml_collections.ConfigDict(dict(
-        source="webdataset", shards=args.shards or config_dict.placeholder(str),
-        paths=config_dict.placeholder(str),  # for data.source='array_record'
-        tokenizer=args.tokenizer or config_dict.placeholder(str),
-        image_size=stage.image_size, context_length=32, text_tokens=stage.text_tokens,
-        text_reduction="truncate", crop_area=(0.4, 1.0), flip=False, shuffle_buffer=250_000,
-        # ~9 GiB of encoded DataComp samples (~35 KB each); the byte bound guards a host
-        # against shards of larger images. 8 worker processes (each 1/8 of the buffer, 8
-        # shards open, 4 decode threads): threads alone stall on the GIL (README, Input
-        # pipelines)
-        shuffle_buffer_bytes=12 << 30, interleave=8, max_bad_fraction=0.2,
-        worker_processes=8, num_workers=4,
-        # evaluation images as the release's eval_in1k.py makes them: short side bilinear,
-        # centre crop of the whole short side
-        eval_crop_fraction=1.0, eval_interpolation="bilinear"))
+    c.data = _clipa_data(args, stage)
     c.image_reduction = ml_collections.ConfigDict(dict(strategy="none", keep=1.0))
-    # the release's protocols (docs/design.md §3): ImageNet-1K zero-shot with the 80 templates,
-    # retrieval on COCO's Karpathy 5k test and Flickr30k's 1k test, 5 captions per image
-    c.evals = ml_collections.ConfigDict(dict(
-        imagenet_zeroshot=dict(kind="zeroshot", source="tfds", name="imagenet2012",
-                               split="validation", optional=True),
-        coco_retrieval=dict(kind="retrieval", source="tfds", name="coco_captions",
-                            split="test", captions_per_image=5, optional=True),
-        flickr30k_retrieval=dict(kind="retrieval", source="tfds", name="flickr30k",
-                                 split="test", captions_per_image=5, optional=True)))
+    c.evals = _clipa_evals()
     c.batch_size = stage.batch_size
     c.eval_batch_size = 1024
     c.total_steps = int(stage.samples) // stage.batch_size
@@ -250,6 +228,39 @@ def clipa_config(*, image: str, text: str, embed_dim: int, arg: str | None,
     if args.smoke:
         smoke_clip(c)
     return c
+
+
+def _clipa_data(args: ml_collections.ConfigDict,
+                stage: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """clipa_config's data settings: webdataset shards, the stage's image size and text tokens."""
+    return ml_collections.ConfigDict(dict(
+        source="webdataset", shards=args.shards or config_dict.placeholder(str),
+        paths=config_dict.placeholder(str),  # for data.source='array_record'
+        tokenizer=args.tokenizer or config_dict.placeholder(str),
+        image_size=stage.image_size, context_length=32, text_tokens=stage.text_tokens,
+        text_reduction="truncate", crop_area=(0.4, 1.0), flip=False, shuffle_buffer=250_000,
+        # ~9 GiB of encoded DataComp samples (~35 KB each); the byte bound guards a host
+        # against shards of larger images. 8 worker processes (each 1/8 of the buffer, 8
+        # shards open, 4 decode threads): threads alone stall on the GIL (README, Input
+        # pipelines)
+        shuffle_buffer_bytes=12 << 30, interleave=8, max_bad_fraction=0.2,
+        worker_processes=8, num_workers=4,
+        # evaluation images as the release's eval_in1k.py makes them: short side bilinear,
+        # centre crop of the whole short side
+        eval_crop_fraction=1.0, eval_interpolation="bilinear"))
+
+
+def _clipa_evals() -> ml_collections.ConfigDict:
+    """clipa_config's evaluations, the release's protocols (docs/design.md §3): ImageNet-1K
+    zero-shot with the 80 templates, retrieval on COCO's Karpathy 5k test and Flickr30k's 1k
+    test, 5 captions per image."""
+    return ml_collections.ConfigDict(dict(
+        imagenet_zeroshot=dict(kind="zeroshot", source="tfds", name="imagenet2012",
+                               split="validation", optional=True),
+        coco_retrieval=dict(kind="retrieval", source="tfds", name="coco_captions",
+                            split="test", captions_per_image=5, optional=True),
+        flickr30k_retrieval=dict(kind="retrieval", source="tfds", name="flickr30k",
+                                 split="test", captions_per_image=5, optional=True)))
 
 
 def mae_model_fields(c: ml_collections.ConfigDict) -> None:

@@ -218,27 +218,32 @@ def test_a_second_trainer_is_refused_before_writing(tmp_path):
     assert os.listdir(workdir) == []
 
 
+STALE_S = 4.0
+
+
 def exercise_lock(workdir: str) -> None:
     """Issue 37 F, on any storage (a local path here, gs:// in test_gcs.py): a live lock is
     refused and kept fresh by its heartbeat; once its holder stops refreshing it goes stale
     and is taken over; the old holder's release then leaves the new holder's lock alone."""
-    first = WorkdirLock(workdir, refresh_s=0.2, stale_s=1.5)
+    # stale_s is 16 heartbeats: wide enough that a loaded machine (the suite on 2 cores, the
+    # GCS emulator answering slowly) never lets a live lock look stale; at 1.5 s it once did.
+    first = WorkdirLock(workdir, refresh_s=0.25, stale_s=STALE_S)
     first.acquire()
-    second = WorkdirLock(workdir, refresh_s=0.2, stale_s=1.5)
+    second = WorkdirLock(workdir, refresh_s=0.25, stale_s=STALE_S)
     holder = rf"another trainer holds {re.escape(workdir)}/lock \(host \S+, pid {os.getpid()}"
     with pytest.raises(RunFailed, match=holder):
         second.check()
-    time.sleep(2.5)  # longer than stale_s: only the heartbeat keeps it live
+    time.sleep(STALE_S + 1.0)  # longer than stale_s: only the heartbeat keeps it live
     with pytest.raises(RunFailed, match=holder):
         second.acquire()
     first._stop.set()  # the holder freezes (a killed job on another host): no more beats
     first._thread.join()
-    time.sleep(2.0)
+    time.sleep(STALE_S + 0.5)
     second.check()
     second.acquire()
     first.release()
     with pytest.raises(RunFailed, match=holder):
-        WorkdirLock(workdir, stale_s=1.5).check()
+        WorkdirLock(workdir, stale_s=STALE_S).check()
     second.release()
     WorkdirLock(workdir).check()  # released: free
 

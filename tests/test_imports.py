@@ -5,7 +5,8 @@ class from a module that itself imports this one.
 
 The layers, from the bottom; a module imports only from its own layer or below:
 
-    0  parallel, data, models, perf      (devices, inputs, networks, FLOP counts)
+    0  parallel, data, models, perf,     (devices, inputs, networks, FLOP counts,
+       mesh_axes                          the mesh axis names without jax)
     1  whitebox                          (coding rate, sparsity, segmentation, figures)
     2  evals                             (evaluators: they never see a task)
     3  tasks, config_utils               (model + data + loss + evaluators)
@@ -23,8 +24,8 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "crate_jax"
-LAYERS = {"parallel": 0, "data": 0, "models": 0, "perf": 0, "whitebox": 1, "evals": 2,
-          "tasks": 3, "config_utils": 3, "train": 4, "config_check": 4}
+LAYERS = {"parallel": 0, "data": 0, "models": 0, "perf": 0, "mesh_axes": 0, "whitebox": 1,
+          "evals": 2, "tasks": 3, "config_utils": 3, "train": 4, "config_check": 4}
 TOOL = 5
 
 

@@ -32,7 +32,7 @@ def _loss_and_grads(model):
     def loss(p):
         return jnp.sum(nnx.merge(graphdef, p, rest)(_images()) ** 2)
 
-    return jax.value_and_grad(loss)(params)
+    return jax.jit(jax.value_and_grad(loss))(params)  # one program, not op-by-op dispatch
 
 
 @pytest.mark.parametrize("name", ["crate-alpha-ti/8"])
@@ -69,8 +69,9 @@ def test_remat_inside_the_scan_changes_the_compiled_memory():
 
 def _compiled_matmuls(name: str, remat: str) -> int:
     """The matmuls (dot instructions) of the compiled gradient of a small model."""
-    sizes = ({} if name.startswith("crate-mae") else
-             dict(width=64, depth=2, heads=2, num_classes=10))
+    sizes = dict(width=64, depth=2, heads=2)  # small: each model compiles three gradients
+    sizes.update(dict(decoder_width=64, decoder_depth=2, decoder_heads=2)
+                 if name.startswith("crate-mae") else dict(num_classes=10))
     model = models.create(name, image_size=32, remat=remat, **sizes)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     images = jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32)

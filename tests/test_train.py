@@ -49,8 +49,11 @@ def _main(workdir, *overrides, **kwargs):
                             text=True, **kwargs)
 
 
-LONG = ("--config.total_steps=60", "--config.optim.total_steps=60",
-        "--config.checkpoint.every=4", "--config.log_every=20")
+# Long enough that the kill lands mid-run: after the step-4 save, 16 steps and 4 saves remain
+# (seconds, against the 20 ms poll of wait_for_checkpoint; orbax renames a step's folder into
+# place only once it is whole).
+LONG = ("--config.total_steps=20", "--config.optim.total_steps=20",
+        "--config.checkpoint.every=4", "--config.log_every=10")
 
 
 def _leaves(tree):

@@ -41,21 +41,22 @@ import numpy as np
 from flax import nnx
 
 from crate_jax import models
-from crate_jax.convert.export import per_layer_flat
+from crate_jax.convert.crate_family import alpha_overrides, name_and_overrides, resolve_heads
 from crate_jax.convert.files import save_weights
-from crate_jax.convert.importers import (
+from crate_jax.convert.primitives import (
     ConversionError,
-    _apply,
-    _Entry,
-    _grid_side,
-    _heads,
-    _layer_count,
-    _name_and_overrides,
-    _nest,
-    _vote,
+    Entry,
+    apply_spec,
     build_loaded,
     check_params_fit,
+    closest_size,
     flatten_source,
+    grid_side,
+    in_proj_part,
+    layer_count,
+    nest,
+    per_layer_flat,
+    vote,
 )
 from crate_jax.models.clip import CLIP, ClipConfig
 from crate_jax.models.registry import CLIPA_TEXT_SIZES
@@ -138,82 +139,120 @@ def _check_mssa_in_proj(flat: Mapping[str, np.ndarray], depth: int, d: int) -> N
 
 
 def _vision_spec(d: int, k: int, depth: int, rows: int, patch: int, chans: int, embed: int,
-                 stem_bias: bool) -> dict[str, _Entry]:
+                 stem_bias: bool) -> dict[str, Entry]:
     p = d // k
     spec = {
-        "visual.conv1.weight": _Entry("image/stem/kernel", (d, chans, patch, patch),
-                                      lambda w: w.transpose(2, 3, 1, 0)),
-        "visual.class_embedding": _Entry("image/cls", (d,), lambda w: w.reshape(1, 1, -1)),
-        "visual.positional_embedding": _Entry("image/posemb/embedding", (rows, d),
-                                              lambda w: w[None]),
-        "visual.ln_post.weight": _Entry("image/norm/scale", (d,)),
-        "visual.ln_post.bias": _Entry("image/norm/bias", (d,)),
-        "visual.proj": _Entry("image_proj/kernel", (d, embed)),
+        "visual.conv1.weight": Entry("image/stem/kernel", (d, chans, patch, patch),
+                                     lambda w: w.transpose(2, 3, 1, 0)),
+        "visual.class_embedding": Entry("image/cls", (d,), lambda w: w.reshape(1, 1, -1)),
+        "visual.positional_embedding": Entry("image/posemb/embedding", (rows, d),
+                                             lambda w: w[None]),
+        "visual.ln_post.weight": Entry("image/norm/scale", (d,)),
+        "visual.ln_post.bias": Entry("image/norm/bias", (d,)),
+        "visual.proj": Entry("image_proj/kernel", (d, embed)),
     }
     if stem_bias:
-        spec["visual.conv1.bias"] = _Entry("image/stem/bias", (d,))
+        spec["visual.conv1.bias"] = Entry("image/stem/bias", (d,))
     for i in range(depth):
         t, o = VISUAL_BLOCK.format(i=i), f"image/encoder/layers/{i}"
         spec |= {
-            f"{t}.ln_1.weight": _Entry(f"{o}/attn/norm/scale", (d,)),
-            f"{t}.ln_1.bias": _Entry(f"{o}/attn/norm/bias", (d,)),
-            f"{t}.attn.in_proj_weight": _Entry(f"{o}/attn/proj", (3 * d, d),
-                                               lambda w, d=d, k=k, p=p: w[:d].T.reshape(d, k, p)),
-            f"{t}.attn.out_proj.weight": _Entry(f"{o}/attn/out", (d, d),
-                                                lambda w, k=k, p=p: w.T.reshape(k, p, -1)),
-            f"{t}.ln_2.weight": _Entry(f"{o}/sparse/norm/scale", (d,)),
-            f"{t}.ln_2.bias": _Entry(f"{o}/sparse/norm/bias", (d,)),
-            f"{t}.mlp.c_fc": _Entry(f"{o}/sparse/D", (d, 4 * d)),
-            f"{t}.mlp.c_proj": _Entry(f"{o}/sparse/D1", (d, 4 * d)),
+            f"{t}.ln_1.weight": Entry(f"{o}/attn/norm/scale", (d,)),
+            f"{t}.ln_1.bias": Entry(f"{o}/attn/norm/bias", (d,)),
+            f"{t}.attn.in_proj_weight": Entry(f"{o}/attn/proj", (3 * d, d),
+                                              lambda w, d=d, k=k, p=p: w[:d].T.reshape(d, k, p)),
+            f"{t}.attn.out_proj.weight": Entry(f"{o}/attn/out", (d, d),
+                                               lambda w, k=k, p=p: w.T.reshape(k, p, -1)),
+            f"{t}.ln_2.weight": Entry(f"{o}/sparse/norm/scale", (d,)),
+            f"{t}.ln_2.bias": Entry(f"{o}/sparse/norm/bias", (d,)),
+            f"{t}.mlp.c_fc": Entry(f"{o}/sparse/D", (d, 4 * d)),
+            f"{t}.mlp.c_proj": Entry(f"{o}/sparse/D1", (d, 4 * d)),
         }
     return spec
 
 
-def _in_proj_part(w: np.ndarray, index: int, k: int, p: int) -> np.ndarray:
-    """Block `index` (q, k, v) of a torch in_proj weight (3w, w) or bias (3w,), in our layout."""
-    width = k * p
-    block = w[index * width:(index + 1) * width]
-    return block.T.reshape(width, k, p) if block.ndim == 2 else block.reshape(k, p)
-
-
 def _text_spec(w: int, k: int, depth: int, vocab: int, context: int,
-               embed: int) -> dict[str, _Entry]:
+               embed: int) -> dict[str, Entry]:
     p = w // k
     spec = {
-        "token_embedding.weight": _Entry("text/token_embedding", (vocab, w)),
-        "positional_embedding": _Entry("text/pos_embedding", (context, w), lambda x: x[None]),
-        "ln_final.weight": _Entry("text/norm/scale", (w,)),
-        "ln_final.bias": _Entry("text/norm/bias", (w,)),
-        "text_projection": _Entry("text_proj/kernel", (embed, w), lambda x: x.T),
-        "logit_scale": _Entry("logit_scale", (), np.asarray),
+        "token_embedding.weight": Entry("text/token_embedding", (vocab, w)),
+        "positional_embedding": Entry("text/pos_embedding", (context, w), lambda x: x[None]),
+        "ln_final.weight": Entry("text/norm/scale", (w,)),
+        "ln_final.bias": Entry("text/norm/bias", (w,)),
+        "text_projection": Entry("text_proj/kernel", (embed, w), lambda x: x.T),
+        "logit_scale": Entry("logit_scale", (), np.asarray),
     }
     for i in range(depth):
         t, o = TEXT_BLOCK.format(i=i), f"text/encoder/layers/{i}"
         spec |= {
-            f"{t}.ln_1.weight": _Entry(f"{o}/attn/norm/scale", (w,)),
-            f"{t}.ln_1.bias": _Entry(f"{o}/attn/norm/bias", (w,)),
-            f"{t}.attn.out_proj.weight": _Entry(f"{o}/attn/out", (w, w),
-                                                lambda x, k=k, p=p: x.T.reshape(k, p, -1)),
-            f"{t}.attn.out_proj.bias": _Entry(f"{o}/attn/out_bias", (w,)),
-            f"{t}.ln_2.weight": _Entry(f"{o}/sparse/norm/scale", (w,)),
-            f"{t}.ln_2.bias": _Entry(f"{o}/sparse/norm/bias", (w,)),
-            f"{t}.mlp.c_fc.weight": _Entry(f"{o}/sparse/fc1/kernel", (4 * w, w), lambda x: x.T),
-            f"{t}.mlp.c_fc.bias": _Entry(f"{o}/sparse/fc1/bias", (4 * w,)),
-            f"{t}.mlp.c_proj.weight": _Entry(f"{o}/sparse/fc2/kernel", (w, 4 * w),
-                                             lambda x: x.T),
-            f"{t}.mlp.c_proj.bias": _Entry(f"{o}/sparse/fc2/bias", (w,)),
+            f"{t}.ln_1.weight": Entry(f"{o}/attn/norm/scale", (w,)),
+            f"{t}.ln_1.bias": Entry(f"{o}/attn/norm/bias", (w,)),
+            f"{t}.attn.out_proj.weight": Entry(f"{o}/attn/out", (w, w),
+                                               lambda x, k=k, p=p: x.T.reshape(k, p, -1)),
+            f"{t}.attn.out_proj.bias": Entry(f"{o}/attn/out_bias", (w,)),
+            f"{t}.ln_2.weight": Entry(f"{o}/sparse/norm/scale", (w,)),
+            f"{t}.ln_2.bias": Entry(f"{o}/sparse/norm/bias", (w,)),
+            f"{t}.mlp.c_fc.weight": Entry(f"{o}/sparse/fc1/kernel", (4 * w, w), lambda x: x.T),
+            f"{t}.mlp.c_fc.bias": Entry(f"{o}/sparse/fc1/bias", (4 * w,)),
+            f"{t}.mlp.c_proj.weight": Entry(f"{o}/sparse/fc2/kernel", (w, 4 * w),
+                                            lambda x: x.T),
+            f"{t}.mlp.c_proj.bias": Entry(f"{o}/sparse/fc2/bias", (w,)),
         }
+    for i in range(depth):  # in_proj's query block; its key and value: _text_key_value
+        t, o = TEXT_BLOCK.format(i=i), f"text/encoder/layers/{i}"
+        spec[f"{t}.attn.in_proj_weight"] = Entry(
+            f"{o}/attn/query", (3 * w, w), lambda x, k=k, p=p: in_proj_part(x, 0, k, p))
+        spec[f"{t}.attn.in_proj_bias"] = Entry(
+            f"{o}/attn/query_bias", (3 * w,), lambda x, k=k, p=p: in_proj_part(x, 0, k, p))
     return spec
 
 
-def _text_name(width: int, depth: int, heads: int) -> tuple[str, dict[str, Any]]:
-    """The clipa-text size of this width (else 'b' with width/depth/heads overridden)."""
-    same = [s for s, dims in CLIPA_TEXT_SIZES.items() if dims[0] == width]
-    size = same[0] if same else "B"
-    base = CLIPA_TEXT_SIZES[size]
-    overrides = {f: v for f, v, b in zip(("width", "depth", "heads"), (width, depth, heads),
-                                         base, strict=True) if v != b}
-    return f"clipa-text-{size.lower()}", overrides
+def _image_sizes(flat: Mapping[str, np.ndarray], heads: int | None, meta: Mapping[str, str],
+                 notes: list[str]) -> tuple[int, int, int, int, int, int, int]:
+    """(width d, patch, chans, table rows, grid side, depth, heads k) of the image tower."""
+    vis = "visual.transformer.resblocks.0"
+    d = vote(flat, [("visual.class_embedding", lambda s: s[0]),
+                    ("visual.conv1.weight", lambda s: s[0]),
+                    (vis + ".ln_1.weight", lambda s: s[0]), ("visual.proj", lambda s: s[0]),
+                    ("visual.ln_post.weight", lambda s: s[0])], "image width", LAYOUT)
+    patch = vote(flat, [("visual.conv1.weight", lambda s: s[-1])], "patch size", LAYOUT)
+    chans = vote(flat, [("visual.conv1.weight", lambda s: s[1])], "input channels", LAYOUT)
+    rows = vote(flat, [("visual.positional_embedding", lambda s: s[0])], "position table",
+                LAYOUT)
+    side = grid_side(rows - 1, f"{LAYOUT} visual.positional_embedding")
+    depth = layer_count(flat, r"visual\.transformer\.resblocks\.(\d+)\.", LAYOUT)
+    k = resolve_heads("crate_alpha", d, heads, None, meta.get("heads"), notes, LAYOUT)
+    return d, patch, chans, rows, side, depth, k
+
+
+def _text_sizes(flat: Mapping[str, np.ndarray], text_heads: int | None,
+                meta: Mapping[str, str], notes: list[str]) -> tuple[int, int, int, int, int]:
+    """(width w, vocab, context, depth, heads kt) of the text tower; the heads are
+    `text_heads`, the file's metadata, else width / 64 as the port builds them."""
+    w = vote(flat, [("token_embedding.weight", lambda s: s[1]),
+                    ("positional_embedding", lambda s: s[1]), ("ln_final.weight", lambda s: s[0]),
+                    ("text_projection", lambda s: s[1])], "text width", LAYOUT)
+    vocab = vote(flat, [("token_embedding.weight", lambda s: s[0])], "vocabulary", LAYOUT)
+    context = vote(flat, [("positional_embedding", lambda s: s[0])], "context length", LAYOUT)
+    depth = layer_count(flat, r"transformer\.resblocks\.(\d+)\.", LAYOUT)
+    kt = text_heads or int(meta.get("text_heads", 0)) or max(w // PORT_TEXT_HEAD_WIDTH, 1)
+    if w % kt:
+        raise ConversionError(f"{LAYOUT}: {kt} text heads do not divide the text width {w}; "
+                              "pass text_heads (CLI --text-heads)")
+    notes.append(f"text heads={kt}" + ("" if text_heads or meta.get("text_heads") else
+                                       f" (width / {PORT_TEXT_HEAD_WIDTH}, as the port)"))
+    return w, vocab, context, depth, kt
+
+
+def _text_key_value(flat: Mapping[str, np.ndarray], params: dict[str, np.ndarray], w: int,
+                    kt: int, depth: int, dtype: Any) -> None:
+    """The key and value blocks of the text in_proj tensors into `params`, cast to `dtype`."""
+    for i in range(depth):
+        t, o = TEXT_BLOCK.format(i=i), f"text/encoder/layers/{i}"
+        for j, name in ((1, "key"), (2, "value")):
+            for suffix, ours in (("weight", name), ("bias", f"{name}_bias")):
+                part = in_proj_part(np.asarray(flat[f"{t}.attn.in_proj_{suffix}"]), j, kt,
+                                    w // kt)
+                params[f"{o}/attn/{ours}"] = np.array(part, dtype, order="C")
 
 
 def import_crate_alpha_clipa_torch(source: Mapping[str, Any], *, heads: int | None = None,
@@ -228,71 +267,37 @@ def import_crate_alpha_clipa_torch(source: Mapping[str, Any], *, heads: int | No
                                   "two-tower import")
     flat, notes = flatten_source(source, ".")
     meta = dict(metadata or {})
-    vis = "visual.transformer.resblocks.0"
-    d = _vote(flat, [("visual.class_embedding", lambda s: s[0]),
-                     ("visual.conv1.weight", lambda s: s[0]),
-                     (vis + ".ln_1.weight", lambda s: s[0]), ("visual.proj", lambda s: s[0]),
-                     ("visual.ln_post.weight", lambda s: s[0])], "image width", LAYOUT)
-    patch = _vote(flat, [("visual.conv1.weight", lambda s: s[-1])], "patch size", LAYOUT)
-    chans = _vote(flat, [("visual.conv1.weight", lambda s: s[1])], "input channels", LAYOUT)
-    rows = _vote(flat, [("visual.positional_embedding", lambda s: s[0])], "position table",
-                 LAYOUT)
-    side = _grid_side(rows - 1, f"{LAYOUT} visual.positional_embedding")
-    depth = _layer_count(flat, r"visual\.transformer\.resblocks\.(\d+)\.", LAYOUT)
-    k = _heads("crate_alpha", d, heads, None, meta.get("heads"), notes, LAYOUT)
-    embed = _vote(flat, [("visual.proj", lambda s: s[1]), ("text_projection", lambda s: s[0])],
-                  "embedding width", LAYOUT)
-    w = _vote(flat, [("token_embedding.weight", lambda s: s[1]),
-                     ("positional_embedding", lambda s: s[1]), ("ln_final.weight", lambda s: s[0]),
-                     ("text_projection", lambda s: s[1])], "text width", LAYOUT)
-    vocab = _vote(flat, [("token_embedding.weight", lambda s: s[0])], "vocabulary", LAYOUT)
-    context = _vote(flat, [("positional_embedding", lambda s: s[0])], "context length", LAYOUT)
-    text_depth = _layer_count(flat, r"transformer\.resblocks\.(\d+)\.", LAYOUT)
-    kt = text_heads or int(meta.get("text_heads", 0)) or max(w // PORT_TEXT_HEAD_WIDTH, 1)
-    if w % kt:
-        raise ConversionError(f"{LAYOUT}: {kt} text heads do not divide the text width {w}; "
-                              "pass text_heads (CLI --text-heads)")
-    notes.append(f"text heads={kt}" + ("" if text_heads or meta.get("text_heads") else
-                                       f" (width / {PORT_TEXT_HEAD_WIDTH}, as the port)"))
+    d, patch, chans, rows, side, depth, k = _image_sizes(flat, heads, meta, notes)
+    embed = vote(flat, [("visual.proj", lambda s: s[1]), ("text_projection", lambda s: s[0])],
+                 "embedding width", LAYOUT)
+    w, vocab, context, text_depth, kt = _text_sizes(flat, text_heads, meta, notes)
     _check_mssa_in_proj(flat, depth, d)
     stem_bias = "visual.conv1.bias" in flat
     spec = _vision_spec(d, k, depth, rows, patch, chans, embed, stem_bias)
     spec |= _text_spec(w, kt, text_depth, vocab, context, embed)
-    for i in range(text_depth):
-        t, o, pt = TEXT_BLOCK.format(i=i), f"text/encoder/layers/{i}", w // kt
-        spec[f"{t}.attn.in_proj_weight"] = _Entry(
-            f"{o}/attn/query", (3 * w, w), lambda x, k=kt, p=pt: _in_proj_part(x, 0, k, p))
-        spec[f"{t}.attn.in_proj_bias"] = _Entry(
-            f"{o}/attn/query_bias", (3 * w,), lambda x, k=kt, p=pt: _in_proj_part(x, 0, k, p))
     dims = dict(width=d, depth=depth, heads=k, patch=patch, image=side * patch,
                 text_width=w, text_depth=text_depth, text_heads=kt, embed=embed)
-    image_name, image_size_overrides = _name_and_overrides("crate_alpha", d, depth, k, patch,
+    image_name, image_size_overrides = name_and_overrides("crate_alpha", d, depth, k, patch,
                                                            None)
     image_overrides: dict[str, Any] = {**image_size_overrides, "image_size": side * patch,
                                        "pool": "cls"}
-    if not stem_bias:
-        image_overrides["stem_bias"] = False
-    if chans != 3:
-        image_overrides["channels"] = chans
-    text_name, text_overrides = _text_name(w, text_depth, kt)
+    image_overrides |= alpha_overrides(stem_bias=stem_bias, ratio=4, chans=chans)
+    # the clipa-text size of this width (else 'B' with width/depth/heads overridden)
+    text_size, text_overrides = closest_size(
+        CLIPA_TEXT_SIZES, dict(width=w, depth=text_depth, heads=kt), default="B")
+    text_name = f"clipa-text-{text_size.lower()}"
     text_overrides |= dict(vocab_size=vocab, context_length=context, eot_id=None, pad_id=0)
     dtype = models.config_for(image_name, **image_overrides).storage_dtype
-    params = _apply(flat, spec, layout=LAYOUT, dims=dims, allow_extra=allow_extra or {},
-                    dtype=dtype, notes=notes)
-    for i in range(text_depth):  # the key and value blocks of the text in_proj tensors
-        t, o = TEXT_BLOCK.format(i=i), f"text/encoder/layers/{i}"
-        for j, name in ((1, "key"), (2, "value")):
-            for suffix, ours in (("weight", name), ("bias", f"{name}_bias")):
-                part = _in_proj_part(np.asarray(flat[f"{t}.attn.in_proj_{suffix}"]), j, kt,
-                                     w // kt)
-                params[f"{o}/attn/{ours}"] = np.array(part, dtype, order="C")
+    params = apply_spec(flat, spec, layout=LAYOUT, dims=dims, allow_extra=allow_extra or {},
+                        dtype=dtype, notes=notes)
+    _text_key_value(flat, params, w, kt, text_depth, dtype)
     params["logit_bias"] = np.zeros((), dtype)
     notes.append("logit_bias set to 0 (the release has none; InfoNCE does not use it)")
     scale = float(params["logit_scale"])
     notes.append(f"logit_scale {scale:.4f} (temperature scale {math.exp(scale):.2f})")
     clip = dict(image=image_name, image_overrides=image_overrides, text=text_name,
                 text_overrides=text_overrides, embed_dim=embed)
-    imported = ImportedClip(clip, _nest(params), tuple(notes))
+    imported = ImportedClip(clip, nest(params), tuple(notes))
     cfg = imported.config()
     check_params_fit(lambda: CLIP(cfg, rngs=nnx.Rngs(0)), imported.params,
                      f"the two-tower model {image_name} + {text_name}")

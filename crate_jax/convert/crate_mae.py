@@ -41,18 +41,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 from crate_jax import models
-from crate_jax.convert.export import per_layer_flat
 from crate_jax.convert.files import save_weights
-from crate_jax.convert.importers import (
+from crate_jax.convert.primitives import (
     ConversionError,
     Entry,
+    Imported,
     apply_spec,
-    build_loaded,
     check_params_fit,
+    closest_size,
     flatten_source,
+    per_layer_flat,
 )
 from crate_jax.models import layer_stack
 from crate_jax.models.autoencoder import MAEConfig
@@ -71,25 +71,13 @@ SIZES = VISION_SIZES["crate"]  # CRATE-MAE-{T,S,B,L} have the CRATE classifier's
 
 
 @dataclasses.dataclass(frozen=True)
-class ImportedMAE:
+class ImportedMAE(Imported):
     """An imported CRATE-MAE: `models.create(name, **overrides)` builds the masked autoencoder
-    whose parameters are `params`; `notes` says what was inferred or left aside."""
-
-    name: str
-    overrides: dict[str, Any]
-    params: dict[str, Any]
-    notes: tuple[str, ...] = ()
-
-    def __iter__(self):
-        return iter((self.name, self.overrides, self.params))
+    whose parameters are `params`; `notes` says what was inferred or left aside. Unpacks and
+    builds as `Imported` does; its config is the autoencoder's."""
 
     def config(self) -> MAEConfig:
         return mae_config_for(self.name, **self.overrides)
-
-    def build(self, *, seed: int = 0) -> nnx.Module:
-        """The MaskedAutoencoder with the imported parameters loaded."""
-        return build_loaded(lambda: models.create(self.name, seed=seed, **self.overrides),
-                            self.params)
 
     def run_config(self, source: dict[str, Any] | None = None) -> dict[str, Any]:
         """config.json of the run directory: a 'mae' run, as the trainer writes one."""
@@ -223,11 +211,7 @@ def _name_and_overrides(d: int, depth: int, heads: int, decoder_depth: int,
                         decoder_heads: int, patch: int, size: str | None
                         ) -> tuple[str, dict[str, Any]]:
     """The registry name nearest the checkpoint's size and the overrides that make it exact."""
-    if size is None:
-        exact = [k for k, dims in SIZES.items() if dims == (d, depth, heads)]
-        size = (exact or [k for k, dims in SIZES.items() if dims[0] == d] or list(SIZES))[0]
-    overrides = {k: v for k, v, base in zip(("width", "depth", "heads"), (d, depth, heads),
-                                            SIZES[size], strict=True) if v != base}
+    size, overrides = closest_size(SIZES, dict(width=d, depth=depth, heads=heads), size)
     if decoder_depth != depth:
         overrides["decoder_depth"] = decoder_depth
     if decoder_heads != heads:

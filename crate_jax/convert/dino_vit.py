@@ -1,18 +1,8 @@
 """The DINO-style ViT checkpoints of SimDINO and SimDINOv2 (RobinWu218/SimDINO; docs/design.md §1,
 "SimDINO as the official code runs it") ↔ our ViT ('vit-b/16', 'vit-l/16', ...).
 
-Files read (`import_dino_vit_torch`), the backbone of the `branch` ('teacher' by default):
-
-    simdino/main_dino.py checkpoint.pth   {'student', 'teacher', 'optimizer', 'epoch', 'args',
-        'dino_loss', 'fp16_scaler'}; keys '_orig_mod.module.backbone.*' (student: torch.compile
-        around DDP), '_orig_mod.backbone.*' (teacher), without '_orig_mod.' when not compiled;
-        the projection head under 'head.mlp.*'
-    simdinov2 eval/<iter>/teacher_checkpoint.pth   {'teacher': ...}; keys 'backbone.*',
-        'dino_head.*' (and 'ibot_head.*'); FSDP block chunks as 'blocks.{chunk}.{i}.*'
-    a bare backbone state_dict (what `to_dino_vit_torch` writes and DINO's eval scripts load)
-
-'_orig_mod' and 'module' are dropped wherever they occur and 'backbone.' is stripped, as the
-official loaders do; each prefix and each head key skipped is named in the notes. The backbone
+The files read (`import_dino_vit_torch`: DINO's and DINOv2's training checkpoints, the backbone
+of one `branch`, or a bare backbone state dict): convert/dino_checkpoint.py. The backbone
 (timm names, LayerNorm eps 1e-6, exact GELU, qkv bias, feature = cls token after the norm):
 
     cls_token (1, 1, d)                    cls
@@ -35,7 +25,6 @@ reported at once (ConversionError); `allow_extra` drops keys by regex.
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 import os
@@ -46,13 +35,18 @@ from typing import Any
 import numpy as np
 
 from crate_jax import models
-from crate_jax.convert.files import TORCH_SUFFIXES, load_weights, require_torch, save_weights
-from crate_jax.convert.files import to_numpy as _as_numpy
-from crate_jax.convert.importers import (
+from crate_jax.convert.dino_checkpoint import LAYOUT, backbone_keys, load_checkpoint, select_branch
+from crate_jax.convert.files import save_weights
+from crate_jax.convert.primitives import (
     ConversionError,
     Imported,
+    allowed_reason,
     check_against_model,
+    closest_size,
+    in_proj_part,
+    per_layer_flat,
     resize_imported,
+    size_label,
 )
 from crate_jax.models import layer_stack
 from crate_jax.models.config import VisionConfig
@@ -60,96 +54,7 @@ from crate_jax.models.registry import VISION_SIZES
 
 __all__ = ["LAYOUT", "export_dino_vit_torch", "import_dino_vit_torch", "to_dino_vit_torch"]
 
-LAYOUT = "dino-vit-torch"
-BRANCHES = ("teacher", "student")
-WRAPPERS = ("_orig_mod", "module")  # torch.compile and DDP
-HEADS = ("head", "dino_head", "ibot_head")  # DINO's and DINOv2's projection heads
 DINO_EPS = 1e-6
-_CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.(.+)$")
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[Mapping[str, Any], dict[str, str]]:
-    """(a checkpoint file's top-level mapping, its metadata). DINO's training checkpoints keep
-    its argparse Namespace under 'args', which torch's weights-only loader refuses by default:
-    that one class is allowed, nothing else is unpickled."""
-    if os.path.splitext(str(path))[1].lower() not in TORCH_SUFFIXES:
-        return load_weights(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such weight file")
-    import argparse
-
-    torch = require_torch(f"reading {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError / RuntimeError variants
-        raise ConversionError(f"{path}: torch's weights-only loader refused it ({err}); "
-                              "save the state_dict alone with torch.save") from err
-    if not isinstance(loaded, Mapping):
-        raise ConversionError(f"{path}: expected a mapping, got {type(loaded).__name__}")
-    return loaded, {}
-
-
-def _branch(source: Mapping[str, Any], branch: str | None,
-            notes: list[str]) -> Mapping[str, Any]:
-    """The state dict of `branch` in a {'student': ..., 'teacher': ...} checkpoint, or the
-    source itself (a bare state dict, where no branch may be asked for)."""
-    if branch is not None and branch not in BRANCHES:
-        raise ConversionError(f"branch={branch!r}: must be one of {list(BRANCHES)}")
-    found = [b for b in BRANCHES if isinstance(source.get(b), Mapping)]
-    if not found:
-        if branch is not None:
-            raise ConversionError(f"branch={branch!r}: the checkpoint has no 'student' / "
-                                  f"'teacher' dicts (top-level keys: {sorted(source)[:8]})")
-        return source
-    branch = branch or "teacher"
-    if branch not in found:
-        raise ConversionError(f"branch={branch!r}: the checkpoint holds only {found}")
-    others = sorted(str(k) for k in source if k != branch)
-    notes.append(f"took the {branch!r} dict; left aside: {others}")
-    return source[branch]
-
-
-def backbone_keys(state: Mapping[str, Any], notes: list[str]) -> dict[str, np.ndarray]:
-    """{timm backbone name: array}: the wrapper components dropped and 'backbone.' stripped
-    (each prefix named in `notes` with its count), the head keys skipped (each named), FSDP
-    block chunks undone."""
-    keys = {str(k): [p for p in str(k).split(".") if p not in WRAPPERS] for k in state}
-    wrapped = any(parts[:1] == ["backbone"] for parts in keys.values())
-    flat: dict[str, np.ndarray] = {}
-    heads, prefixes, chunked = [], collections.Counter(), 0
-    for key, value in state.items():
-        parts = keys[str(key)]
-        if wrapped and parts[:1] and parts[0] in HEADS:
-            heads.append(str(key))
-            continue
-        name = ".".join(parts[1:] if wrapped and parts[:1] == ["backbone"] else parts)
-        if name != str(key):
-            prefixes[str(key)[:-len(name)] if str(key).endswith(name) else
-                     "(wrapper components inside the key)"] += 1
-        if chunk := _CHUNKED.match(name):
-            name, chunked = f"blocks.{chunk[1]}.{chunk[2]}", chunked + 1
-        if name in flat:
-            raise ConversionError(f"{LAYOUT}: two keys name the backbone's {name} once their "
-                                  f"wrapper prefixes are dropped (one is {key!r})")
-        flat[name] = _as_numpy(value)
-    for prefix, count in sorted(prefixes.items()):
-        notes.append(f"stripped the prefix {prefix!r} from {count} key(s) (torch.compile's "
-                     "'_orig_mod.', DDP's 'module.', DINO's MultiCropWrapper 'backbone.')")
-    if chunked:
-        notes.append(f"undid the FSDP block chunks of {chunked} key(s) "
-                     "(blocks.{chunk}.{i}. → blocks.{i}.)")
-    if heads:
-        notes.append(f"skipped {len(heads)} projection-head key(s) (the SimDINO head, not "
-                     f"part of the backbone): {', '.join(sorted(heads))}")
-    return flat
-
-
-def _split_qkv(part: int, d: int, k: int, p: int):
-    def convert(w: np.ndarray) -> np.ndarray:
-        block = w[part * d:(part + 1) * d]
-        return block.T.reshape(d, k, p) if block.ndim == 2 else block.reshape(k, p)
-    return convert
 
 
 def _spec(d: int, k: int, depth: int, rows: int, patch: int, chans: int, hidden: int,
@@ -181,9 +86,9 @@ def _spec(d: int, k: int, depth: int, rows: int, patch: int, chans: int, hidden:
             spec[f"{t}.{src}"] = (f"{o}/{ours}", shape, conv)
         for j, name in enumerate(("query", "key", "value")):  # one key, three of ours
             spec[f"{t}.attn.qkv.weight#{name}"] = (f"{o}/attn/{name}", (3 * d, d),
-                                                   _split_qkv(j, d, k, p))
+                                                   lambda w, j=j: in_proj_part(w, j, k, p))
             spec[f"{t}.attn.qkv.bias#{name}"] = (f"{o}/attn/{name}_bias", (3 * d,),
-                                                 _split_qkv(j, d, k, p))
+                                                 lambda w, j=j: in_proj_part(w, j, k, p))
         if scaled:
             spec[f"{t}.ls1.gamma"] = (f"{o}/scale_attn/gamma", (d,), None)
             spec[f"{t}.ls2.gamma"] = (f"{o}/scale_sparse/gamma", (d,), None)
@@ -229,13 +134,9 @@ def _heads(width: int, heads: int | None, name: str | None,
 def _name(d: int, depth: int, k: int, hidden: int, patch: int,
           size: str | None) -> tuple[str, dict[str, Any]]:
     table = VISION_SIZES["vit"]
-    exact = [s for s, v in table.items() if v == (d, depth, k, hidden)]
-    size = size or (exact or [s for s, v in table.items() if v[0] == d] or ["B"])[0]
-    overrides = {f: v for f, v, base in zip(("width", "depth", "heads", "mlp_dim"),
-                                            (d, depth, k, hidden), table[size], strict=True)
-                 if v != base}
-    label = size if sum(s.lower() == size.lower() for s in table) > 1 else size.lower()
-    return f"vit-{label}/{patch}", overrides
+    size, overrides = closest_size(table, dict(width=d, depth=depth, heads=k, mlp_dim=hidden),
+                                   size, default="B")
+    return f"vit-{size_label(table, size)}/{patch}", overrides
 
 
 def _check(flat: Mapping[str, np.ndarray], spec: Mapping[str, tuple],
@@ -246,7 +147,7 @@ def _check(flat: Mapping[str, np.ndarray], spec: Mapping[str, tuple],
                   if k in flat and tuple(np.shape(flat[k])) != s]
     unexpected = []
     for key in sorted(set(flat) - set(wanted)):
-        reason = next((r for rx, r in allow_extra.items() if re.fullmatch(rx, key)), None)
+        reason = allowed_reason(key, allow_extra)
         if reason is None:
             unexpected.append(key)
         else:
@@ -292,7 +193,7 @@ def import_dino_vit_torch(source: Any, *, branch: str | None = None, heads: int 
     if not isinstance(source, Mapping):
         source, file_metadata = load_checkpoint(source)
         metadata = metadata if metadata is not None else file_metadata
-    flat = backbone_keys(_branch(source, branch, notes), notes)
+    flat = backbone_keys(select_branch(source, branch, notes), notes)
     dims = _dims(flat)
     d, patch, scaled, registers = dims["d"], dims["patch"], dims["scaled"], dims["registers"]
     k, size = _heads(d, heads, name, metadata, notes)
@@ -341,8 +242,7 @@ def _backbone_params(params: Mapping[Any, Any], notes: list[str]) -> dict[str, n
     if "teacher" in params and "student" in params:
         notes.append("a SimDINO run: exported the teacher's backbone (not its projection head)")
         params = params["teacher"]["backbone"]
-    return {k: np.asarray(v) for k, v in
-            layer_stack.unstack_flat(models.flat_params(params)).items()}
+    return per_layer_flat(params)
 
 
 def compatibility_notes(cfg: VisionConfig | None) -> list[str]:

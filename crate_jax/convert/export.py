@@ -24,10 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from crate_jax import models
 from crate_jax.convert.files import save_weights
-from crate_jax.convert.importers import TORCH_HEAD_EPS, ConversionError
-from crate_jax.models import layer_stack
+from crate_jax.convert.primitives import TORCH_HEAD_EPS, ConversionError, per_layer_flat
 from crate_jax.models.config import VisionConfig
 from crate_jax.models.layers import sincos_2d
 
@@ -36,12 +34,6 @@ __all__ = ["EXPORT_FORMATS", "compatibility_notes", "export_crate", "to_crate_al
 
 EXPORT_FORMATS = ("crate-alpha-torch", "crate-torch", "crate-alpha-clipa-torch",
                   "crate-mae-torch", "dino-vit-torch", "tost-torch", "tost-gpt-torch")
-
-
-def per_layer_flat(params: Mapping[Any, Any]) -> dict[str, np.ndarray]:
-    """{'encoder/layers/0/attn/proj': array, ...}: per layer, whichever layout `params` has."""
-    return {k: np.asarray(v) for k, v in
-            layer_stack.unstack_flat(models.flat_params(params)).items()}
 
 
 def _depth(flat: Mapping[str, np.ndarray]) -> int:
@@ -87,6 +79,27 @@ def _posemb(get: _Reader, cfg: VisionConfig | None) -> np.ndarray:
                                 sincos_2d(*cfg.grid, cfg.width)])
         return table[None].astype(get("cls").dtype)
     return get("posemb/embedding")  # reported as missing
+
+
+def _torch_layer(get: _Reader, i: int, d: int, *, out_bias: bool,
+                 ista: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Layer `i` in the layout the CRATE and CRATE-α PyTorch code share, in its key order:
+    transformer.layers.{i}.0 (PreNorm MSSA: norm, qkv (d, d), to_out.0 and, for CRATE, its
+    bias) and .1 (PreNorm ISTA: norm and `ista`, CRATE's W 'weight' or CRATE-α's D, D1)."""
+    o, t = f"encoder/layers/{i}", f"transformer.layers.{i}"
+    sd = {
+        f"{t}.0.norm.weight": get(f"{o}/attn/norm/scale"),
+        f"{t}.0.norm.bias": get(f"{o}/attn/norm/bias"),
+        f"{t}.0.fn.qkv.weight": get(f"{o}/attn/proj").reshape(d, -1).T,
+        f"{t}.0.fn.to_out.0.weight": get(f"{o}/attn/out").reshape(-1, d).T,
+    }
+    if out_bias:
+        sd[f"{t}.0.fn.to_out.0.bias"] = get(f"{o}/attn/out_bias")
+    sd[f"{t}.1.norm.weight"] = get(f"{o}/sparse/norm/scale")
+    sd[f"{t}.1.norm.bias"] = get(f"{o}/sparse/norm/bias")
+    for name in ista:
+        sd[f"{t}.1.fn.{name}"] = get(f"{o}/sparse/{name}")
+    return sd
 
 
 def compatibility_notes(cfg: VisionConfig | None, layout: str) -> list[str]:
@@ -148,17 +161,7 @@ def to_crate_alpha_torch(params: Mapping[Any, Any],
         sd["mlp_head.1.weight"] = get("head/kernel").T
         sd["mlp_head.1.bias"] = get("head/bias")
     for i in range(_depth(flat)):
-        o, t = f"encoder/layers/{i}", f"transformer.layers.{i}"
-        sd |= {
-            f"{t}.0.norm.weight": get(f"{o}/attn/norm/scale"),
-            f"{t}.0.norm.bias": get(f"{o}/attn/norm/bias"),
-            f"{t}.0.fn.qkv.weight": get(f"{o}/attn/proj").reshape(d, -1).T,
-            f"{t}.0.fn.to_out.0.weight": get(f"{o}/attn/out").reshape(-1, d).T,
-            f"{t}.1.norm.weight": get(f"{o}/sparse/norm/scale"),
-            f"{t}.1.norm.bias": get(f"{o}/sparse/norm/bias"),
-            f"{t}.1.fn.D": get(f"{o}/sparse/D"),
-            f"{t}.1.fn.D1": get(f"{o}/sparse/D1"),
-        }
+        sd |= _torch_layer(get, i, d, out_bias=False, ista=("D", "D1"))
     get.finish()
     return {k: np.ascontiguousarray(v) for k, v in sd.items()}
 
@@ -187,17 +190,7 @@ def to_crate_torch(params: Mapping[Any, Any],
         sd["mlp_head.1.weight"] = get("head/kernel").T
         sd["mlp_head.1.bias"] = get("head/bias")
     for i in range(_depth(flat)):
-        o, t = f"encoder/layers/{i}", f"transformer.layers.{i}"
-        sd |= {
-            f"{t}.0.norm.weight": get(f"{o}/attn/norm/scale"),
-            f"{t}.0.norm.bias": get(f"{o}/attn/norm/bias"),
-            f"{t}.0.fn.qkv.weight": get(f"{o}/attn/proj").reshape(d, -1).T,
-            f"{t}.0.fn.to_out.0.weight": get(f"{o}/attn/out").reshape(-1, d).T,
-            f"{t}.0.fn.to_out.0.bias": get(f"{o}/attn/out_bias"),
-            f"{t}.1.norm.weight": get(f"{o}/sparse/norm/scale"),
-            f"{t}.1.norm.bias": get(f"{o}/sparse/norm/bias"),
-            f"{t}.1.fn.weight": get(f"{o}/sparse/weight"),
-        }
+        sd |= _torch_layer(get, i, d, out_bias=True, ista=("weight",))
     get.finish()
     return {k: np.ascontiguousarray(v) for k, v in sd.items()}
 

@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from crate_jax import models
 from crate_jax.convert.clipa import ImportedClip
@@ -38,13 +39,15 @@ from crate_jax.convert.importers import ConversionError, Imported
 from crate_jax.models.autoencoder import MAEConfig
 from crate_jax.models.clip import ClipConfig
 from crate_jax.models.config import VisionConfig
+from crate_jax.train.checkpoint import Checkpointer
 
-__all__ = ["load_run", "run_config", "write_run"]
+__all__ = ["NoDataPosition", "load_run", "read_checkpoint", "run_config", "write_run",
+           "write_run_directory"]
 
 DATA_FIELDS = ("num_classes", "image_size")
 
 
-class _NoData:
+class NoDataPosition:
     """The data-iterator slot of a checkpoint that no data iterator produced."""
 
     def get_state(self) -> dict[str, Any]:
@@ -69,28 +72,51 @@ def run_config(imported: Imported | ImportedClip | ImportedMAE,
     }
 
 
-def write_run(out: str | os.PathLike, imported: Imported | ImportedClip | ImportedMAE,
-              source: dict[str, Any] | None = None) -> Path:
-    """Write `imported` as the run directory `out` (see the module docstring); `out` must not
-    hold a checkpoint or config.json already. Returns the path of the checkpoint directory."""
-    from crate_jax.train.checkpoint import Checkpointer
-
+def write_run_directory(out: str | os.PathLike, state: dict[str, Any],
+                        config: dict[str, Any]) -> Path:
+    """Write `state` as step 0 of OUT/checkpoints (with no data position) and `config` as
+    OUT/config.json; `out` must not hold a checkpoint or config.json already. Returns the
+    path of the checkpoint directory."""
     out = Path(out).absolute()  # orbax refuses a relative path (the README's runs/...)
     ckpt_dir = out / "checkpoints"
     if (out / "config.json").exists() or (ckpt_dir.exists() and any(ckpt_dir.iterdir())):
         raise FileExistsError(f"{out} already holds a run (config.json or checkpoints/); "
                               "choose a new output directory")
     out.mkdir(parents=True, exist_ok=True)
-    params = jax.tree.map(np.asarray, imported.params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": {}}
     checkpointer = Checkpointer(ckpt_dir, keep=1, keep_best=0, async_save=False)
     try:
-        checkpointer.save(0, state, _NoData())
+        checkpointer.save(0, state, NoDataPosition())
     finally:
         checkpointer.close()
-    (out / "config.json").write_text(json.dumps(run_config(imported, source), indent=2,
-                                                sort_keys=True))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return ckpt_dir
+
+
+def write_run(out: str | os.PathLike, imported: Imported | ImportedClip | ImportedMAE,
+              source: dict[str, Any] | None = None) -> Path:
+    """Write `imported` as the run directory `out` (see the module docstring); `out` must not
+    hold a checkpoint or config.json already. Returns the path of the checkpoint directory."""
+    params = jax.tree.map(np.asarray, imported.params)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": {}}
+    return write_run_directory(out, state, run_config(imported, source))
+
+
+def read_checkpoint(directory: str | os.PathLike, step: int | None = None, *,
+                    missing: str) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(params, batch_stats ({} when it holds none), step) of a checkpoint directory, as NumPy
+    arrays: `step`, or the latest when None. Raises FileNotFoundError(`missing`) when there is
+    no such step."""
+    checkpointer = Checkpointer(epath.Path(os.path.abspath(directory)), async_save=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None or step not in checkpointer.manager.all_steps():
+            raise FileNotFoundError(missing)
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        params = jax.device_get(checkpointer.restore_params(step, sharding))
+        stats = jax.device_get(checkpointer.restore_batch_stats(step, sharding))
+    finally:
+        checkpointer.close()
+    return params, stats, int(step)
 
 
 def _checkpoint_dir(path: Path) -> tuple[Path, int | None, Path | None]:
@@ -113,8 +139,6 @@ def load_run(path: str | os.PathLike, step: int | None = None
     (model.name + model.overrides, with data.num_classes / data.image_size as the
     classification task applies them; a contrastive run's ClipConfig, with no name; a masked
     autoencoder's MAEConfig, as the 'mae' task builds it); without one it is None."""
-    from crate_jax.train.checkpoint import Checkpointer
-
     path = Path(path).absolute()
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such run or checkpoint directory")

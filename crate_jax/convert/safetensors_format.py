@@ -21,6 +21,7 @@ import math
 import os
 import struct
 from collections.abc import Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -84,9 +85,9 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
             f.write(blob)
 
 
-def load_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; every tensor is a fresh NumPy array."""
-    size = os.path.getsize(path)
+def _read_header(path: str | os.PathLike, size: int) -> tuple[dict, int]:
+    """(the JSON header, its length N) of a file of `size` bytes; the header's shape is checked,
+    not its entries."""
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
@@ -102,12 +103,14 @@ def load_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str,
         raise SafetensorsError(f"{path}: the header is not UTF-8 JSON ({err})") from err
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: the header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise SafetensorsError(f"{path}: __metadata__ must map strings to strings")
-    start = 8 + length
-    buffer_size = size - start
+    return header, length
+
+
+def _entries(header: Mapping[str, Any], buffer_size: int
+             ) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int, int]], list[str]]:
+    """({name: (dtype, shape, begin, end)}, problems) of the header's tensor entries: each
+    entry's dtype, shape and size, and that the tensors tile the `buffer_size`-byte data
+    buffer without holes or overlaps."""
     spans: list[tuple[int, int, str]] = []
     entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
     problems: list[str] = []
@@ -137,6 +140,19 @@ def load_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str,
         position = max(position, end)
     if position != buffer_size:
         problems.append(f"the tensors cover {position} bytes of a {buffer_size}-byte data buffer")
+    return entries, problems
+
+
+def load_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; every tensor is a fresh NumPy array."""
+    size = os.path.getsize(path)
+    header, length = _read_header(path, size)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise SafetensorsError(f"{path}: __metadata__ must map strings to strings")
+    start = 8 + length
+    entries, problems = _entries(header, size - start)
     if problems:
         raise SafetensorsError(f"{path}: invalid safetensors file:\n  " + "\n  ".join(problems))
     tensors: dict[str, np.ndarray] = {}

@@ -18,17 +18,21 @@ reads it only when momentum is None, which the reference never sets).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from crate_jax import models
-from crate_jax.convert.importers import ConversionError, check_params_fit, flatten_source
+from crate_jax.convert.files import load_weights, save_weights
+from crate_jax.convert.primitives import ConversionError, check_params_fit, flatten_source
+from crate_jax.convert.runs import read_checkpoint, write_run_directory
 from crate_jax.models import layer_stack
 from crate_jax.models.lm_config import LM_SIZES
 from crate_jax.models.tost import TOST_SIZES
@@ -207,10 +211,6 @@ class ImportedToST:
 
     def build(self):
         """The model with the weights (and running statistics) loaded, in eval mode."""
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
-
         model = models.create(self.name, **self.overrides)
         nnx.update(model, nnx.State(jax.tree.map(jnp.asarray, self.params)))
         if self.batch_stats:
@@ -311,8 +311,6 @@ def import_tost_gpt_torch(source: Mapping[str, Any]) -> ImportedToST:
 def import_tost(path: str | os.PathLike | Mapping[str, Any], layout: str, *,
                 image_size: int | None = None) -> ImportedToST:
     """Read `path` (or a state_dict in memory) as `layout` ('tost-torch' or 'tost-gpt-torch')."""
-    from crate_jax.convert.files import load_weights
-
     source = path if isinstance(path, Mapping) else load_weights(path)[0]
     if layout == VISION:
         return import_tost_torch(source, image_size=image_size or 224)
@@ -325,39 +323,14 @@ def import_tost(path: str | os.PathLike | Mapping[str, Any], layout: str, *,
 
 # --- run directories -------------------------------------------------------------------------
 
-class _NoDataPosition:
-    """The data-iterator slot of a checkpoint that no data iterator produced."""
-
-    def get_state(self) -> dict[str, Any]:
-        return {}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        del state
-
-
 def write_tost_run(out: str | os.PathLike, imported: ImportedToST,
                    source: dict[str, Any] | None = None) -> Path:
     """Write `imported` as a run directory (checkpoints/0 with params and, for image models,
     batch_stats; config.json naming the model), as convert/runs.py does for the other
     layouts. `out` must not hold a run already."""
-    import jax.numpy as jnp
-
-    from crate_jax.train.checkpoint import Checkpointer
-
-    out = Path(out)
-    ckpt_dir = out / "checkpoints"
-    if (out / "config.json").exists() or (ckpt_dir.exists() and any(ckpt_dir.iterdir())):
-        raise FileExistsError(f"{out} already holds a run (config.json or checkpoints/); "
-                              "choose a new output directory")
-    out.mkdir(parents=True, exist_ok=True)
     state = {"step": jnp.zeros((), jnp.int32), "params": imported.params, "opt_state": {}}
     if imported.batch_stats:
         state["batch_stats"] = imported.batch_stats
-    checkpointer = Checkpointer(ckpt_dir, keep=1, keep_best=0, async_save=False)
-    try:
-        checkpointer.save(0, state, _NoDataPosition())
-    finally:
-        checkpointer.close()
     data = {k: imported.overrides[k] for k in ("num_classes", "image_size")
             if k in imported.overrides}
     overrides = {k: v for k, v in imported.overrides.items() if k not in data}
@@ -366,41 +339,23 @@ def write_tost_run(out: str | os.PathLike, imported: ImportedToST,
               "converted_from": {**(source or {}), "notes": list(imported.notes)}}
     if data:
         config["data"] = data
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    return ckpt_dir
+    return write_run_directory(out, state, config)
 
 
 def read_tost_run(path: str | os.PathLike, step: int | None = None
                   ) -> tuple[dict[str, Any], dict[str, Any], int]:
     """(params, batch_stats, step) of a run directory or its checkpoints/ directory, NumPy."""
-    import jax
-    from etils import epath
-
-    from crate_jax.train.checkpoint import Checkpointer
-
     path = Path(path)
     ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"{path}: no run or checkpoint directory")
-    checkpointer = Checkpointer(epath.Path(os.path.abspath(ckpt_dir)), async_save=False)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint")
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        params = jax.device_get(checkpointer.restore_params(step, sharding))
-        stats = jax.device_get(checkpointer.restore_batch_stats(step, sharding))
-    finally:
-        checkpointer.close()
-    return params, stats, int(step)
+    return read_checkpoint(ckpt_dir, step, missing=f"{ckpt_dir}: no checkpoint")
 
 
 def export_tost(source: str | os.PathLike, layout: str, output: str | os.PathLike,
                 step: int | None = None) -> dict[str, np.ndarray]:
     """Write a ToST run's checkpoint in `layout` to `output` (.pth, .safetensors or .npz);
     returns the state_dict written."""
-    from crate_jax.convert.files import save_weights
-
     params, stats, step = read_tost_run(source, step)
     if layout == VISION:
         if not stats:

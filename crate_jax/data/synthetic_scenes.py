@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crate_jax.data.synthetic import (
+from crate_jax.data.synthetic.shapes import (
     COLORS,
     SHAPES,
     shape_mask,
@@ -48,7 +48,7 @@ MAIN_MIN_VISIBLE = 0.8
 MIN_VISIBLE = 0.5
 _SPLITS = {"train": 0, "test": 1}
 _DEFAULT_SIZES = {"train": 50_000, "test": 2_000}
-_TAG = 5  # disjoint from synthetic.py's stream tags 1-4
+_TAG = 5  # disjoint from synthetic/datasets.py's stream tags 1-4
 _TRIES = 30
 _NOISE = 6.0  # uniform per-pixel noise in [-6, 6)
 

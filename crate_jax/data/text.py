@@ -149,7 +149,24 @@ def open_stream(spec: str, tok: TextTokenizer, data: Any, *, setting: str) -> To
 
 # --- rows ---------------------------------------------------------------------------------------
 
-class LMRows:
+class _Rows:
+    """Random access to `num_rows` windows of a token stream (set by the subclass)."""
+
+    stream: TokenStream
+    num_rows: int
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def _window(self, index: int, stride: int, width: int) -> np.ndarray:
+        """Tokens [index·stride, index·stride + width) of the stream, cut at its end."""
+        if not 0 <= index < self.num_rows:
+            raise IndexError(f"row {index} of {self.num_rows}")
+        start = int(index) * stride
+        return self.stream.read(start, min(start + width, len(self.stream)))
+
+
+class LMRows(_Rows):
     """Causal rows (module docstring): {'tokens': int32 (L + 1,)}; with `tail`, the partial
     last row too and {'weights': float32 (L,)}, 0 on padded targets."""
 
@@ -159,14 +176,9 @@ class LMRows:
         full, rest = divmod(max(n - 1, 0), seq_len)
         self.num_rows = full + (1 if tail and rest else 0)
 
-    def __len__(self) -> int:
-        return self.num_rows
-
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        if not 0 <= index < self.num_rows:
-            raise IndexError(f"row {index} of {self.num_rows}")
-        L, start = self.seq_len, int(index) * self.seq_len
-        window = self.stream.read(start, min(start + L + 1, len(self.stream)))
+        L = self.seq_len
+        window = self._window(index, L, L + 1)
         tokens = np.full(L + 1, self.pad_id, np.int32)
         tokens[:len(window)] = window
         if not self.tail:
@@ -175,7 +187,7 @@ class LMRows:
         return {"tokens": tokens, "weights": weights}
 
 
-class MLMRows:
+class MLMRows(_Rows):
     """Masked-LM rows (module docstring): {'tokens': int32 (L,), 'attention_mask': int32 (L,),
     'index': int32}, before masking."""
 
@@ -186,14 +198,8 @@ class MLMRows:
         full, rest = divmod(len(stream), self.content)
         self.num_rows = full + (1 if tail and rest else 0)
 
-    def __len__(self) -> int:
-        return self.num_rows
-
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        if not 0 <= index < self.num_rows:
-            raise IndexError(f"row {index} of {self.num_rows}")
-        start = int(index) * self.content
-        body = self.stream.read(start, min(start + self.content, len(self.stream)))
+        body = self._window(index, self.content, self.content)
         head = [] if self.tok.bos_id is None else [self.tok.bos_id]
         ids = np.concatenate([np.asarray(head, np.int32), body,
                               np.asarray([self.tok.eos_id], np.int32)])

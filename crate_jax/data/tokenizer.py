@@ -8,7 +8,8 @@ ending in `.txt` (a BERT vocab.txt) or `.json` (a Hugging Face tokenizer.json) g
 texts into fixed-length int32 rows `[bos] + ids + [eot] + pad` (bos when the tokenizer's
 `add_bos` says so: [CLS] for WordPiece),
 and `reduce_tokens` implements CLIPA's text-token reduction (truncate / random / block) on such
-rows. `train_sentencepiece` (and the CLI) trains a subword model on caption files:
+rows. `train_sentencepiece` (crate_jax/data/tokenizer_training.py, re-exported here with
+`iter_captions`; also the CLI) trains a subword model on caption files:
 
     python -m crate_jax.data.tokenizer train --corpus captions.txt --out /tmp/sp --vocab-size 8000
     python -m crate_jax.data.tokenizer encode --model /tmp/sp.model "a photo of a red circle"
@@ -19,20 +20,15 @@ Nothing is downloaded: models are trained here or loaded from a path.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
-import shutil
 import sys
-import tarfile
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from etils import epath
 
-log = logging.getLogger(__name__)
+from crate_jax.data.tokenizer_training import iter_captions, train_sentencepiece
 
 
 @runtime_checkable
@@ -204,15 +200,40 @@ def reduce_tokens(tokens: np.ndarray, k: int, *, method: str, rng: np.random.Gen
     random contiguous run. `rng` is required for 'random' and 'block'. With `bos_id`, rows
     must start with it and it stays in front (the content budget is then k - 2).
     """
+    tokens = np.asarray(tokens)
+    n_content = _content_lengths(tokens, k, method=method, rng=rng, eot_id=eot_id,
+                                 bos_id=bos_id)
+    prefix = 0 if bos_id is None else 1
+    budget = k - 1 - prefix
+
+    out = np.full((tokens.shape[0], k), pad_id, dtype=np.int32)
+    short = n_content <= budget
+    out[short] = tokens[short, :k]
+    long_rows = np.flatnonzero(~short)
+    if long_rows.size == 0:
+        return out
+    idx = _kept_positions(method, rng, n_content[long_rows], budget, tokens.shape[1] - prefix)
+    picked = np.take_along_axis(tokens[long_rows], idx + prefix, axis=1)
+    if prefix:
+        out[long_rows, 0] = bos_id
+    out[long_rows, prefix:k - 1] = picked
+    out[long_rows, k - 1] = eot_id
+    return out
+
+
+def _content_lengths(tokens: np.ndarray, k: int, *, method: str,
+                     rng: np.random.Generator | None, eot_id: int,
+                     bos_id: int | None) -> np.ndarray:
+    """The number of content tokens (after any bos, before the first eot) of each row, once
+    the arguments of `reduce_tokens` are checked."""
     if method not in REDUCE_METHODS:
         raise ValueError(f"reduce_tokens: unknown method {method!r}; expected one of "
                          f"{REDUCE_METHODS}")
     if method != "truncate" and rng is None:
         raise ValueError(f"reduce_tokens: method {method!r} needs an rng")
-    tokens = np.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"reduce_tokens: expected (n, length) tokens, got shape {tokens.shape}")
-    n, length = tokens.shape
+    length = tokens.shape[1]
     prefix = 0 if bos_id is None else 1
     if not prefix + 1 <= k <= length:
         raise ValueError(f"reduce_tokens: k={k} must be in [{prefix + 1}, {length}] "
@@ -225,163 +246,25 @@ def reduce_tokens(tokens: np.ndarray, k: int, *, method: str, rng: np.random.Gen
     if prefix and not (tokens[:, 0] == bos_id).all():
         raise ValueError(f"reduce_tokens: bos_id={bos_id} given but not every row starts "
                          f"with it")
-    n_content = is_eot.argmax(axis=1) - prefix  # content tokens before the first eot
-    budget = k - 1 - prefix
+    return is_eot.argmax(axis=1) - prefix
 
-    out = np.full((n, k), pad_id, dtype=np.int32)
-    short = n_content <= budget
-    out[short] = tokens[short, :k]
-    long_rows = np.flatnonzero(~short)
-    if long_rows.size == 0:
-        return out
-    lens = n_content[long_rows]
+
+def _kept_positions(method: str, rng: np.random.Generator | None, lens: np.ndarray,
+                    budget: int, width: int) -> np.ndarray:
+    """(rows, budget) content positions, in order, that `method` keeps of rows with `lens`
+    (each > budget) content tokens out of `width` positions."""
     steps = np.arange(budget)
     if method == "truncate":
-        idx = np.broadcast_to(steps, (long_rows.size, budget))
-    elif method == "block":
-        assert rng is not None
+        return np.broadcast_to(steps, (lens.size, budget))
+    assert rng is not None
+    if method == "block":
         start = rng.integers(0, lens - budget + 1)  # inclusive of the last full block
-        idx = start[:, None] + steps
-    else:
-        assert rng is not None
-        # The `budget` smallest of iid uniform keys over the valid positions form a uniformly
-        # random subset; sorting the chosen positions keeps the original order.
-        width = length - prefix
-        keys = rng.random((long_rows.size, width))
-        keys[np.arange(width) >= lens[:, None]] = np.inf
-        idx = np.sort(np.argsort(keys, axis=1, kind="stable")[:, :budget], axis=1)
-    picked = np.take_along_axis(tokens[long_rows], idx + prefix, axis=1)
-    if prefix:
-        out[long_rows, 0] = bos_id
-    out[long_rows, prefix:k - 1] = picked
-    out[long_rows, k - 1] = eot_id
-    return out
-
-
-# --------------------------------------------------------------------------- training
-
-
-def _clean(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _jsonl_captions(lines: Iterable[str], name: str) -> Iterator[str]:
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s:%d: not valid JSON, skipped", name, n)
-            continue
-        if isinstance(obj, dict):
-            text = obj.get("caption", obj.get("text"))
-            if isinstance(text, str):
-                yield text
-
-
-def _tar_captions(path: epath.Path) -> Iterator[str]:
-    with path.open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        members = iter(tar)
-        while True:
-            try:
-                member = next(members, None)
-            except (tarfile.TarError, OSError) as e:  # truncated / corrupt archive
-                log.warning("%s: unreadable after this point (%s), rest skipped", path, e)
-                return
-            if member is None:
-                return
-            if not (member.isfile() and member.name.endswith(".txt")):
-                continue
-            try:
-                data = tar.extractfile(member)
-                text = data.read().decode("utf-8") if data is not None else None
-            except (tarfile.TarError, OSError, UnicodeDecodeError) as e:
-                log.warning("%s: member %s unreadable (%s), skipped", path, member.name, e)
-                continue
-            if text is not None:
-                yield text
-
-
-def _file_captions(name: str) -> Iterator[str]:
-    path = epath.Path(name)
-    if path.name.endswith((".tar", ".tar.gz", ".tgz")):
-        yield from _tar_captions(path)
-        return
-    with path.open("r", encoding="utf-8") as f:
-        if path.name.endswith(".jsonl"):
-            yield from _jsonl_captions(f, name)
-        else:
-            yield from f
-
-
-def iter_captions(corpus_files: Sequence[str]) -> Iterator[str]:
-    """Captions of the corpus files: plain text (one per line), .jsonl, or webdataset .tar."""
-    for name in corpus_files:
-        for text in _file_captions(name):
-            text = _clean(text)
-            if text:
-                yield text
-
-
-def train_sentencepiece(corpus_files: Sequence[str], model_prefix: str, *, vocab_size: int = 8000,
-                        model_type: str = "bpe", lowercase: bool = True,
-                        character_coverage: float = 0.9995,
-                        max_sentences: int = 2_000_000) -> str:
-    """Trains a SentencePiece model on caption files; returns the path of the `.model` file.
-
-    The model has pad=0, bos=1, eos(=eot)=2, unk=3. At most `max_sentences` captions, sampled
-    at random, are used. With `lowercase` the model case-folds (nmt_nfkc_cf normalization).
-    `model_prefix` may be remote (gs://): the model is trained locally and copied there.
-    SentencePiece raises RuntimeError when the corpus cannot support `vocab_size`.
-    """
-    import sentencepiece as spm
-
-    if isinstance(corpus_files, str):
-        corpus_files = [corpus_files]
-    if not corpus_files:
-        raise ValueError("train_sentencepiece: no corpus files")
-    for name in corpus_files:
-        if not epath.Path(name).exists():
-            raise FileNotFoundError(f"corpus file not found: {name}")
-    if model_type not in ("bpe", "unigram", "char", "word"):
-        raise ValueError(f"train_sentencepiece: unknown model_type {model_type!r}")
-    sentences = iter_captions(corpus_files)
-    first = next(sentences, None)
-    if first is None:
-        raise ValueError(f"train_sentencepiece: no captions in {list(corpus_files)}")
-
-    def all_sentences() -> Iterator[str]:
-        yield first
-        yield from sentences
-
-    remote = "://" in str(model_prefix)
-    with tempfile.TemporaryDirectory() as tmp:
-        local_prefix = os.path.join(tmp, "sp") if remote else str(model_prefix)
-        if not remote:
-            os.makedirs(os.path.dirname(os.path.abspath(local_prefix)), exist_ok=True)
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=all_sentences(),
-            model_prefix=local_prefix,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=character_coverage,
-            input_sentence_size=max_sentences,
-            shuffle_input_sentence=True,
-            normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
-            pad_id=0,
-            bos_id=1,
-            eos_id=2,
-            unk_id=3,
-            minloglevel=2,
-        )
-        if remote:
-            for ext in (".model", ".vocab"):
-                dst = epath.Path(f"{model_prefix}{ext}")
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                with open(local_prefix + ext, "rb") as src, dst.open("wb") as out:
-                    shutil.copyfileobj(src, out)
-    return f"{model_prefix}.model"
+        return start[:, None] + steps
+    # The `budget` smallest of iid uniform keys over the valid positions form a uniformly
+    # random subset; sorting the chosen positions keeps the original order.
+    keys = rng.random((lens.size, width))
+    keys[np.arange(width) >= lens[:, None]] = np.inf
+    return np.sort(np.argsort(keys, axis=1, kind="stable")[:, :budget], axis=1)
 
 
 # --------------------------------------------------------------------------- CLI

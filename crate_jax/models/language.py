@@ -82,6 +82,15 @@ def _times_embedding(h: jax.Array, embedding: jax.Array) -> jax.Array:
                       preferred_element_type=jnp.float32)
 
 
+def _collected(out: jax.Array, z0: jax.Array, inter: dict,
+               collect: bool) -> jax.Array | tuple[jax.Array, dict]:
+    """`out`, or with `collect` (out, the encoder's intermediates with 'tokens_in' = Z⁰)."""
+    if not collect:
+        return out
+    inter["tokens_in"] = z0
+    return out, inter
+
+
 class CausalLM(nnx.Module):
     """Next-token LM: tokens (B, T) → logits (B, T, V) in float32 (module docstring).
 
@@ -115,11 +124,7 @@ class CausalLM(nnx.Module):
         """Logits (B, T, V); with `collect`, also the per-layer intermediates."""
         z0 = self.embeddings(tokens)
         z, inter = self.encoder(z0, None, is_causal=True, collect=collect)
-        logits = self.logits(z)
-        if collect:
-            inter["tokens_in"] = z0
-            return logits, inter
-        return logits
+        return _collected(self.logits(z), z0, inter, collect)
 
 
 class MLMHead(nnx.Module):
@@ -171,11 +176,7 @@ class MaskedLM(nnx.Module):
         z0 = self.embeddings(tokens, token_types)
         mask = None if attention_mask is None else attention_mask.astype(bool)
         z, inter = self.encoder(z0, mask, is_causal=False, collect=collect)
-        z = self.norm(z)
-        if collect:
-            inter["tokens_in"] = z0
-            return z, inter
-        return z
+        return _collected(self.norm(z), z0, inter, collect)
 
     def pool(self, z: jax.Array) -> jax.Array:
         """BERT's pooled output tanh(Zᴸ[:, 0]·W_p + b_p) (needs cfg.pooler)."""

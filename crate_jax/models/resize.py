@@ -35,6 +35,7 @@ that B is the plain bilinear resize a data pipeline would apply to the patches.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -186,16 +187,6 @@ def _apply_kernel_map(mat: np.ndarray, kernel: jax.Array) -> jax.Array:
 Path = tuple[Any, ...]
 
 
-def _flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, Any]:
-    out: dict[Path, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out |= _flatten(value, (*prefix, key))
-        else:
-            out[(*prefix, key)] = value
-    return out
-
-
 def _join(path: Path) -> str:
     return "/".join(str(k) for k in path)
 
@@ -266,100 +257,130 @@ def adapt_for_finetune(source: Mapping, target: Mapping, *, num_prefix: int = 1,
     stacked = not layer_stack.has_per_layer(target)
     source = layer_stack.unstack_layers(layer_stack.nest(layer_stack.flatten(source)))
     target = layer_stack.unstack_layers(target)
-    src = {_join(p): v for p, v in _flatten(source).items()}
-    tgt = {_join(p): v for p, v in _flatten(target).items()}
-
-    values: dict[str, Any] = {}
-    notes: list[str] = []
-    missing: list[str] = []
-    mismatched: list[str] = []
-    problems: list[str] = []
-    linear_stem: list[str] = []
-    casts: dict[tuple[str, str], int] = {}
-
+    src, tgt = layer_stack.flatten(source), layer_stack.flatten(target)
+    acc = _Adaptation(num_prefix, reinit_head, resize_stem, stem_method, posemb_method)
     for path, fresh in tgt.items():
-        want = _shape(fresh)
-        if _is_head(path):
-            if reinit_head:
-                values[path] = (fresh, None)
-                notes.append(f"{path} re-initialised (target's fresh init, shape {want})")
-                continue
-            if path in src and _shape(src[path]) != want:
-                values[path] = (fresh, None)
-                notes.append(f"{path} re-initialised: source shape {_shape(src[path])} != "
+        _adapt_leaf(acc, path, fresh, src)
+    _raise_problems(acc, _source_only(acc, src, tgt))
+    for (frm, to), count in acc.casts.items():
+        acc.notes.append(f"{count} leaf(s) cast {frm} -> {to}")
+    # The resizes run only now, once every key has been checked.
+    out = {}
+    for path, (value, dtype) in acc.values.items():
+        value = value() if isinstance(value, functools.partial) else value
+        out[path] = value if dtype is None else jnp.asarray(value, dtype=dtype)
+    adapted = _rebuild(target, out)
+    return (layer_stack.stack_layers(adapted) if stacked else adapted), acc.notes
+
+
+@dataclasses.dataclass
+class _Adaptation:
+    """adapt_for_finetune's options and what it has decided so far: per target path (value,
+    dtype to cast to or None), the value maybe a deferred resize; the notes; the problems."""
+
+    num_prefix: int
+    reinit_head: bool
+    resize_stem: bool
+    stem_method: str
+    posemb_method: str
+    values: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)
+    mismatched: list[str] = dataclasses.field(default_factory=list)
+    linear_stem: list[str] = dataclasses.field(default_factory=list)
+    casts: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+
+
+def _adapt_leaf(acc: _Adaptation, path: str, fresh: Any, src: dict[str, Any]) -> None:
+    """The rules of adapt_for_finetune for the target leaf `path`: the head's fresh init, a
+    missing key, a resize of a differing shape, a dtype cast."""
+    want = _shape(fresh)
+    if _is_head(path):
+        if acc.reinit_head:
+            acc.values[path] = (fresh, None)
+            acc.notes.append(f"{path} re-initialised (target's fresh init, shape {want})")
+            return
+        if path in src and _shape(src[path]) != want:
+            acc.values[path] = (fresh, None)
+            acc.notes.append(f"{path} re-initialised: source shape {_shape(src[path])} != "
                              f"target shape {want}")
-                continue
-        if path not in src:
-            missing.append(path)
-            continue
-        value = src[path]
-        have = _shape(value)
-        if have != want:
-            if (_is_posemb(path) and len(have) == len(want) == 3 and have[0] == want[0]
-                    and have[2] == want[2]):
-                try:
-                    old = _grid_of(have[1] - num_prefix, None, f"{path} (source)")
-                    new = _grid_of(want[1] - num_prefix, None, f"{path} (target)")
-                except ValueError as err:
-                    problems.append(f"{err}")
-                    continue
-                value = functools.partial(resize_posemb, value, new, old_grid=old,
-                                          num_prefix=num_prefix, method=posemb_method)
-                notes.append(f"{path} resized {old[0]}x{old[1]} -> {new[0]}x{new[1]} "
-                             f"({posemb_method}, {num_prefix} prefix row(s) kept)")
-            elif (_is_conv_stem(path) and len(have) == len(want) == 4
-                  and have[0] == have[1] and want[0] == want[1] and have[2:] == want[2:]):
-                if not resize_stem:
-                    problems.append(f"{path}: patch size differs ({have} -> {want}) and "
-                                    f"resize_stem=False")
-                    continue
-                value = functools.partial(resize_patch_kernel, value, want[0],
-                                          method=stem_method)
-                notes.append(f"{path} resized {have[0]}x{have[1]} -> {want[0]}x{want[1]} "
-                             f"({stem_method})")
-            elif _is_linear_stem(path):
-                linear_stem.append(f"{path} {have} -> {want}")
-                continue
-            else:
-                mismatched.append(f"{path}: source {have} vs target {want}")
-                continue
-        dtype = getattr(fresh, "dtype", None)
-        have_dtype = getattr(src[path], "dtype", dtype)
-        if dtype is not None and have_dtype != dtype:
-            key = (str(have_dtype), str(jnp.dtype(dtype)))
-            casts[key] = casts.get(key, 0) + 1
-        else:
-            dtype = None
-        values[path] = (value, dtype)  # computed below, once every key has been checked
+            return
+    if path not in src:
+        acc.missing.append(path)
+        return
+    value = src[path]
+    if _shape(value) != want:
+        value = _resized(acc, path, value, want)
+        if value is None:
+            return
+    dtype = getattr(fresh, "dtype", None)
+    have_dtype = getattr(src[path], "dtype", dtype)
+    if dtype is not None and have_dtype != dtype:
+        key = (str(have_dtype), str(jnp.dtype(dtype)))
+        acc.casts[key] = acc.casts.get(key, 0) + 1
+    else:
+        dtype = None
+    acc.values[path] = (value, dtype)
 
-    unexpected = []
+
+def _resized(acc: _Adaptation, path: str, value: Any,
+             want: tuple[int, ...]) -> functools.partial | None:
+    """The deferred resize of a source leaf whose shape differs from the target's `want`: a
+    position table to the target's square grid, a convolutional stem kernel to its patch;
+    None (with the problem recorded) for any other difference."""
+    have = _shape(value)
+    if (_is_posemb(path) and len(have) == len(want) == 3 and have[0] == want[0]
+            and have[2] == want[2]):
+        try:
+            old = _grid_of(have[1] - acc.num_prefix, None, f"{path} (source)")
+            new = _grid_of(want[1] - acc.num_prefix, None, f"{path} (target)")
+        except ValueError as err:
+            acc.problems.append(f"{err}")
+            return None
+        acc.notes.append(f"{path} resized {old[0]}x{old[1]} -> {new[0]}x{new[1]} "
+                         f"({acc.posemb_method}, {acc.num_prefix} prefix row(s) kept)")
+        return functools.partial(resize_posemb, value, new, old_grid=old,
+                                 num_prefix=acc.num_prefix, method=acc.posemb_method)
+    if (_is_conv_stem(path) and len(have) == len(want) == 4
+            and have[0] == have[1] and want[0] == want[1] and have[2:] == want[2:]):
+        if not acc.resize_stem:
+            acc.problems.append(f"{path}: patch size differs ({have} -> {want}) and "
+                                f"resize_stem=False")
+            return None
+        acc.notes.append(f"{path} resized {have[0]}x{have[1]} -> {want[0]}x{want[1]} "
+                         f"({acc.stem_method})")
+        return functools.partial(resize_patch_kernel, value, want[0], method=acc.stem_method)
+    if _is_linear_stem(path):
+        acc.linear_stem.append(f"{path} {have} -> {want}")
+    else:
+        acc.mismatched.append(f"{path}: source {have} vs target {want}")
+    return None
+
+
+def _source_only(acc: _Adaptation, src: dict[str, Any], tgt: dict[str, Any]) -> list[str]:
+    """The source keys the target lacks that are not the head's (those are dropped, noted)."""
     for path in src:
-        if path in tgt:
-            continue
-        if _is_head(path):
-            notes.append(f"{path} dropped (shape {_shape(src[path])}; the target has no such key)")
-        else:
-            unexpected.append(path)
+        if path not in tgt and _is_head(path):
+            acc.notes.append(f"{path} dropped (shape {_shape(src[path])}; the target has no "
+                             "such key)")
+    return [path for path in src if path not in tgt and not _is_head(path)]
 
-    if linear_stem:
+
+def _raise_problems(acc: _Adaptation, unexpected: list[str]) -> None:
+    """One ValueError naming every key that cannot be adapted, if there is any."""
+    problems = list(acc.problems)
+    if acc.linear_stem:
         problems.append(
             "the CRATE linear stem cannot be resized to another patch size: its LayerNorm over "
             "the flattened P*P*C patch vector has no resized equivalent (keep the pretraining "
-            "patch size, or use a convolutional stem): " + "; ".join(linear_stem))
-    if mismatched:
-        problems.append("shape mismatch (source vs target): " + "; ".join(mismatched))
-    if missing:
-        problems.append("keys in target missing from source: " + ", ".join(missing))
+            "patch size, or use a convolutional stem): " + "; ".join(acc.linear_stem))
+    if acc.mismatched:
+        problems.append("shape mismatch (source vs target): " + "; ".join(acc.mismatched))
+    if acc.missing:
+        problems.append("keys in target missing from source: " + ", ".join(acc.missing))
     if unexpected:
         problems.append("keys in source not in target: " + ", ".join(unexpected))
     if problems:
         raise ValueError("cannot adapt the checkpoint to the target model:\n  "
                          + "\n  ".join(problems))
-    for (frm, to), count in casts.items():
-        notes.append(f"{count} leaf(s) cast {frm} -> {to}")
-    out = {}
-    for path, (value, dtype) in values.items():
-        value = value() if isinstance(value, functools.partial) else value
-        out[path] = value if dtype is None else jnp.asarray(value, dtype=dtype)
-    adapted = _rebuild(target, out)
-    return (layer_stack.stack_layers(adapted) if stacked else adapted), notes

@@ -22,7 +22,9 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-MESH_AXES = ("dcn", "data", "fsdp", "tensor")
+# The names live in a jax-free module: the planner reads them before jax is imported.
+from crate_jax.mesh_axes import MESH_AXES
+
 # jax.make_mesh splits physical axes on these TPU kinds; so does our hybrid mesh
 _SPLIT_PHYSICAL_KINDS = ("TPU v5 lite", "TPU v5e")
 

@@ -20,9 +20,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from crate_jax.mesh_axes import BATCH_AXES
+
 # logical axis → mesh axis, tuple of mesh axes, or None (replicated)
 DEFAULT_RULES: dict[str, Any] = {
-    "batch": ("dcn", "data", "fsdp"),
+    "batch": BATCH_AXES,
     "embed": "fsdp",
     "mlp": "tensor",
     "heads": "tensor",

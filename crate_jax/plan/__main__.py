@@ -12,26 +12,24 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from crate_jax.plan.devices import (
+# The package's public names, as it gathers them; the rest from their modules.
+from crate_jax.plan import (
     PlanError,
-    data_parallel,
+    Result,
+    describe,
     parse_bytes,
     parse_mesh,
     resolve_meshes,
+    search,
     start_fake_devices,
-    tpu_devices,
-    tpu_target_devices,
-)
-from crate_jax.plan.report import (
-    describe,
-    format_bytes,
-    mesh_text,
-    setting_text,
     suggestion_flags,
     summarize,
+    tpu_devices,
+    tpu_target_devices,
+    with_settings,
 )
-from crate_jax.plan.search import search
-from crate_jax.plan.step import Result, with_settings
+from crate_jax.plan.devices import data_parallel
+from crate_jax.plan.report import format_bytes, mesh_text, setting_text
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (Python, get_config(arg)); add ':ARG' to pass an argument. "

@@ -8,7 +8,9 @@ import os
 import re
 import sys
 
-MESH_AXES = ("dcn", "data", "fsdp", "tensor")  # crate_jax.parallel.mesh.MESH_AXES
+# From the jax-free module: jax must not be imported before start_fake_devices.
+from crate_jax.mesh_axes import BATCH_AXES, MESH_AXES
+
 REMAT_ORDER = ("none", "minimal", "dots", "full")  # lighter (faster) → heavier (less memory)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -18,8 +20,8 @@ _TPU = {"v4": (2, 32), "v5p": (2, 95), "v5litepod": (1, 16), "v5e": (1, 16), "v6
 
 
 def data_parallel(mesh: dict[str, int]) -> int:
-    """The devices the batch is split over: dcn × data × fsdp."""
-    return mesh.get("dcn", 1) * mesh.get("data", 1) * mesh.get("fsdp", 1)
+    """The devices the batch is split over: dcn × data × fsdp (BATCH_AXES)."""
+    return math.prod(mesh.get(axis, 1) for axis in BATCH_AXES)
 
 
 class PlanError(ValueError):

@@ -11,97 +11,45 @@ Retention keeps the last `keep` checkpoints plus the `keep_best` best by an eval
 On resume, a newest checkpoint that cannot be read (missing or cut files, arrays that fail their
 checksum) is logged, moved to checkpoints/damaged/ and the one before it restored.
 Restoring onto a different mesh works: arrays are restored into the shardings of the target.
+The data-state handler lives in data_state.py, the damage checks and the two errors in
+checkpoint_faults.py; the handler and the errors are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
 from crate_jax.models import layer_stack
-from crate_jax.parallel.mesh import process_files_suffix
+from crate_jax.train.checkpoint_faults import (
+    CheckpointDamagedError,
+    CheckpointModelMismatchError,
+    all_processes_ok,
+    check_complete,
+    fault_line,
+    shape_differences,
+)
+from crate_jax.train.data_state import DataStateHandler, DataStateRestore, DataStateSave
 from crate_jax.train.state_digest import compare_digests, first_non_finite, state_digest
 from crate_jax.train.workdir import RunFailed, remove_partial_saves
 
-_STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
-
-
-def _saved_states(directory: epath.Path) -> dict[int, dict[int, epath.Path]]:
-    """The data-state files in `directory`: {process count: {process index: path}}."""
-    found: dict[int, dict[int, epath.Path]] = {}
-    for path in directory.glob("process_*.json"):
-        match = _STATE_FILE.fullmatch(path.name)
-        if match:
-            found.setdefault(int(match[2]), {})[int(match[1])] = path
-    return found
-
-
-class DataStateHandler(ocp.CheckpointHandler):
-    """Saves `iterator.get_state()` (a JSON-able dict) per process, and restores it with
-    `iterator.set_state(...)`. Works for any iterator with those two methods.
-
-    Elastic resume: when the checkpoint was written by another number of processes, every
-    saved state (process order) goes to `iterator.set_states([...])`, which the grain and
-    webdataset iterators implement."""
-
-    def save(self, directory: epath.Path, args: DataStateSave) -> None:
-        state = args.iterator.get_state()
-        (directory / f"process_{process_files_suffix()}.json").write_text(json.dumps(state))
-
-    def restore(self, directory: epath.Path, args: DataStateRestore) -> Any:
-        path = directory / f"process_{process_files_suffix()}.json"
-        if path.exists():
-            args.iterator.set_state(json.loads(path.read_text()))
-            return args.iterator
-        found = _saved_states(directory)
-        names = sorted(p.name for files in found.values() for p in files.values())
-        complete = [n for n, files in found.items() if sorted(files) == list(range(n))]
-        count = jax.process_count()
-        if len(complete) != 1 or count in found:
-            raise FileNotFoundError(
-                f"checkpoint {directory.parent}: no data state for this process: expected "
-                f"{path.name} in {directory}, found {names or 'no process_*.json files'}")
-        saved = complete[0]
-        if not hasattr(args.iterator, "set_states"):
-            raise ValueError(
-                f"checkpoint {directory.parent} was written by {saved} processes, this run has "
-                f"{count}, and its data iterator ({type(args.iterator).__name__}) has no "
-                "set_states() to resume with a different process count")
-        logging.info("data state of %d processes, resumed by %d (elastic)", saved, count)
-        args.iterator.set_states([json.loads(found[saved][i].read_text())
-                                  for i in range(saved)])
-        return args.iterator
-
-    def structure(self, directory: epath.Path) -> None:
-        return None
-
-    def metadata(self, directory: epath.Path) -> None:
-        return None
-
-
-@ocp.args.register_with_handler(DataStateHandler, for_save=True)
-@dataclasses.dataclass
-class DataStateSave(ocp.args.CheckpointArgs):
-    iterator: Any
-
-
-@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
-@dataclasses.dataclass
-class DataStateRestore(ocp.args.CheckpointArgs):
-    iterator: Any
+__all__ = [
+    "CheckpointDamagedError",
+    "CheckpointModelMismatchError",
+    "Checkpointer",
+    "DataStateHandler",
+    "DataStateRestore",
+    "DataStateSave",
+]
 
 
 def _int_keys(tree: Any) -> Any:
@@ -118,65 +66,6 @@ def _stacked_into(per_layer: Any, abstract: Any) -> Any:
     every process builds only its own shards)."""
     shardings = jax.tree.map(lambda s: s.sharding, abstract)
     return jax.jit(layer_stack.stack_layers, out_shardings=shardings)(per_layer)
-
-
-class CheckpointDamagedError(RuntimeError):
-    """A checkpoint that cannot be restored as saved (missing or damaged files, or arrays that
-    do not match their checksum)."""
-
-
-class CheckpointModelMismatchError(ValueError):
-    """A checkpoint whose parameters (names or shapes) are not the ones the config builds:
-    written by another model, not damaged."""
-
-
-def _shape_differences(saved: dict, wanted: dict, limit: int = 3) -> list[str]:
-    """'params/<path>: saved …, this config …' for the first `limit` leaves whose presence
-    or shape differ between two nested dicts of shapes (dtypes are cast on restore)."""
-    have, want = layer_stack.flatten(saved), layer_stack.flatten(wanted)
-    out = []
-    for key in sorted(set(have) | set(want)):
-        a, b = have.get(key), want.get(key)
-        a_shape = None if a is None else tuple(a.shape)
-        b_shape = None if b is None else tuple(b.shape)
-        if a_shape != b_shape:
-            out.append(f"params/{key}: saved {a_shape or 'absent'}, this config "
-                       f"{b_shape or 'absent'}")
-    return out[:limit] + ([f"… {len(out) - limit} more"] if len(out) > limit else [])
-
-
-def _check_complete(step_dir: epath.Path) -> None:
-    """Raise CheckpointDamagedError naming the first missing part orbax would trip over
-    (a missing state/_METADATA restores with a target, but the checkpoint is incomplete)."""
-    if not step_dir.exists():
-        problem = "the step directory is gone"
-    elif not any(step_dir.iterdir()):
-        problem = "the step directory is empty"
-    elif not (step_dir / "state").exists():
-        problem = "state/ is missing"
-    elif not (step_dir / "state" / "_METADATA").exists():
-        problem = "state/_METADATA is missing"
-    else:
-        return
-    raise CheckpointDamagedError(f"{step_dir}: {problem}")
-
-
-def _fault(step_dir: epath.Path, error: BaseException) -> str:
-    """What is wrong, in one line: the innermost cause (tensorstore's message names the file
-    and the byte range; orbax's wrapper only prints the array spec)."""
-    if isinstance(error, CheckpointDamagedError):
-        return str(error).removeprefix(f"{step_dir}: ")
-    while (error.__cause__ or error.__context__) is not None:
-        error = error.__cause__ or error.__context__
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:400] if lines else ''}"
-
-
-def _all_processes_ok(ok: bool) -> bool:
-    """True only if every process says ok, so all processes restore the same step."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _str_keys(tree: Any) -> Any:
@@ -259,8 +148,8 @@ class Checkpointer:
                 "no checkpoint was completed")
         raise RunFailed(
             f"saving the checkpoint of step {step} in {directory} failed "
-            f"({_fault(directory, error)}); {last}. Free space (or fix the cause) and rerun "
-            "the same command to resume.") from error
+            f"({fault_line(directory, error)}); {last}. Free space (or fix the cause) and "
+            "rerun the same command to resume.") from error
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
         """Restore step `step` into the shardings of `abstract_state` (a tree of
@@ -268,7 +157,7 @@ class Checkpointer:
         then the data iterator is repositioned in place. If anything fails, the iterator is
         put back where it was and the error is raised."""
         step_dir = self.manager.directory / str(step)
-        _check_complete(step_dir)
+        check_complete(step_dir)
         target = abstract_state
         per_layer = self._per_layer(step) and not layer_stack.has_per_layer(abstract_state)
         if per_layer:  # written before the layers were stacked: read as written, then stack
@@ -314,8 +203,8 @@ class Checkpointer:
                 state = self.restore(step, abstract_state, data_iterator)
                 error = None
             except Exception as e:  # any failure to read it makes it unusable; say which
-                state, error = None, _fault(step_dir, e)
-            if _all_processes_ok(error is None):
+                state, error = None, fault_line(step_dir, e)
+            if all_processes_ok(error is None):
                 for bad, _ in faults:
                     self._move_aside(bad)
                 return step, state
@@ -342,10 +231,10 @@ class Checkpointer:
         for step in sorted(self.manager.all_steps(), reverse=True):
             step_dir = self.manager.directory / str(step)
             try:
-                _check_complete(step_dir)
+                check_complete(step_dir)
                 return
             except CheckpointDamagedError as e:
-                faults.append((step, _fault(step_dir, e)))
+                faults.append((step, fault_line(step_dir, e)))
         if faults:
             raise self._none_restorable(faults)
 
@@ -360,7 +249,7 @@ class Checkpointer:
             _, saved = self.saved_params(step)
         except Exception:  # no readable metadata: restore_latest reports the damage
             return
-        differences = _shape_differences(saved, _int_keys(dict(wanted)))
+        differences = shape_differences(saved, _int_keys(dict(wanted)))
         if differences:
             listing = "\n".join(f"  {d}" for d in differences)
             raise CheckpointModelMismatchError(

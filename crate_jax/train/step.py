@@ -216,31 +216,9 @@ def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTran
         trainable, fixed = split_frozen(state["params"], frozen)
         stats = state.get("batch_stats")  # present for models with BatchNorm (ToST)
         rest = with_batch_stats(rest, stats)
-
-        def grad_fn(trainable, rest, batch, rng):
-            return value_and_grad(trainable, fixed, rest, batch, rng)
-
-        if accum_steps == 1:
-            (loss_value, aux), grads = grad_fn(trainable, rest, batch, rng)
-        elif features is not None:
-            if stats:
-                raise ValueError("grad_accum_steps with feature caching: a model with "
-                                 "BatchNorm statistics (batch_stats) cannot be accumulated "
-                                 "this way; use grad_accum_steps=1")
-            features_fn, features_loss_fn = features
-
-            def model_of(trainable, rng):
-                return merge_model(graphdef, merge_params(trainable, fixed), rest, train=True,
-                                   rng=rng)
-
-            (loss_value, aux), grads = feature_cached_grads(
-                lambda p, b, r: features_fn(model_of(p, r), b, r),
-                lambda p, f, r: features_loss_fn(model_of(p, r), f, r),
-                trainable, batch, rng, accum_steps)
-            aux = (aux, {})
-        else:
-            (loss_value, aux), grads = averaged_grads(
-                lambda t, b, r: grad_fn(t, rest, b, r), trainable, batch, rng, accum_steps)
+        (loss_value, aux), grads = _gradients(
+            value_and_grad, graphdef, trainable, fixed, rest, batch, rng,
+            accum_steps=accum_steps, features=features, has_stats=bool(stats))
         # with accumulation the running statistics are the micro-batches' mean update
         aux, new_stats = aux
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
@@ -258,6 +236,37 @@ def make_train_step(loss: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTran
         return new_state, metrics
 
     return train_step
+
+
+def _gradients(value_and_grad: Callable, graphdef: nnx.GraphDef, trainable: dict, fixed: dict,
+               rest: nnx.State, batch: dict, rng: jax.Array, *, accum_steps: int,
+               features: tuple[Callable, Callable] | None, has_stats: bool):
+    """((loss, (aux, batch_stats)), grads) of the trainable parameters on `batch`, for
+    value_and_grad(trainable, fixed, rest, batch, rng): in one pass, accumulated over
+    micro-batches by feature caching (`features` given), or averaged over micro-batches."""
+
+    def grad_fn(trainable, rest, batch, rng):
+        return value_and_grad(trainable, fixed, rest, batch, rng)
+
+    if accum_steps == 1:
+        return grad_fn(trainable, rest, batch, rng)
+    if features is None:
+        return averaged_grads(
+            lambda t, b, r: grad_fn(t, rest, b, r), trainable, batch, rng, accum_steps)
+    if has_stats:
+        raise ValueError("grad_accum_steps with feature caching: a model with "
+                         "BatchNorm statistics (batch_stats) cannot be accumulated "
+                         "this way; use grad_accum_steps=1")
+    features_fn, features_loss_fn = features
+
+    def model_of(trainable, rng):
+        return merge_model(graphdef, merge_params(trainable, fixed), rest, train=True, rng=rng)
+
+    (loss_value, aux), grads = feature_cached_grads(
+        lambda p, b, r: features_fn(model_of(p, r), b, r),
+        lambda p, f, r: features_loss_fn(model_of(p, r), f, r),
+        trainable, batch, rng, accum_steps)
+    return (loss_value, (aux, {})), grads
 
 
 def task_forward(task: Any, config: Any, graphdef: nnx.GraphDef, frozen: tuple[str, ...]):

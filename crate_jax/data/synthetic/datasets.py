@@ -1,9 +1,9 @@
-"""Procedurally generated shape datasets for tests, demos and smoke runs.
+"""The shape datasets: classification, image-caption pairs and segmentation, drawn with the
+primitives of `shapes`.
 
-NumPy only, so samples are cheap to make inside grain worker processes. Sample ``i`` of a split
-is a pure function of ``(seed, split, i)``: each sample seeds its own generator, so access is
-random and there is no global state. The datasets follow grain's random-access source protocol
-(``__len__`` and ``__getitem__``) and pickle cheaply.
+Sample ``i`` of a split is a pure function of ``(seed, split, i)``: each sample seeds its own
+generator, so access is random and there is no global state. The datasets follow grain's
+random-access source protocol (``__len__`` and ``__getitem__``) and pickle cheaply.
 """
 
 from __future__ import annotations
@@ -14,33 +14,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SHAPES: tuple[str, ...] = (
-    "circle",
-    "square",
-    "triangle",
-    "cross",
-    "ring",
-    "diamond",
-    "bar",
-    "star",
+from crate_jax.data.synthetic.shapes import (
+    COLORS,
+    SHAPES,
+    PlacedShape,
+    jitter_color,
+    object_mask,
+    place_shape,
+    render,
+    shape_radius,
+    uniform_centre,
 )
 
-# Every colour has one channel >= 190 and (white aside) one <= 70, far from the mid-grey
-# background range, so shapes stand out whatever the texture.
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 190, 40),
-    "blue": (40, 70, 230),
-    "yellow": (240, 220, 30),
-    "magenta": (220, 40, 220),
-    "cyan": (30, 210, 220),
-    "white": (245, 245, 245),
-    "orange": (250, 140, 20),
-}
-
-_COLOR_VALUES = tuple(COLORS.values())
-_PALETTE = np.array(_COLOR_VALUES, np.float32)
-_COLOR_JITTER = 12
 _SPLITS = {"train": 0, "test": 1}
 _DEFAULT_SIZES = {"train": 50_000, "test": 2_000}
 # Stream tags keep the datasets' (and the label permutations') generators disjoint for one seed.
@@ -54,174 +39,6 @@ _TEMPLATES = (
     "a picture of {a}",
     "an image of {a}",
 )
-
-
-# --------------------------------------------------------------------------------------------
-# Geometry
-
-
-def _unit_mask(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Shape ``kind`` in unit coordinates (u right, v down); it lies in the box [-1, 1]^2.
-
-    ``u`` and ``v`` broadcast against each other (a row and a column give an (H, W) mask).
-    """
-    name = SHAPES[kind]
-    au, av = np.abs(u), np.abs(v)
-    if name == "circle":
-        return u * u + v * v <= 1.0
-    if name == "square":
-        return (au <= 1.0) & (av <= 1.0)
-    if name == "triangle":
-        return (v <= 1.0) & (au <= (v + 1.0) * 0.5)
-    if name == "cross":
-        return ((au <= 1.0) & (av <= 0.34)) | ((au <= 0.34) & (av <= 1.0))
-    if name == "ring":
-        d2 = u * u + v * v
-        return (d2 <= 1.0) & (d2 >= 0.55**2)
-    if name == "diamond":
-        return au + av <= 1.0
-    if name == "bar":
-        return (au <= 1.0) & (av <= 0.4)
-    if name == "star":
-        return _star(u, v)
-    raise AssertionError(name)
-
-
-_STAR_INNER = 0.5
-_STAR_HALF = np.pi / 5  # half the angle between two tips
-
-
-def _star(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    # Fold the plane into one half-sector (tip on the x axis), then test the straight edge
-    # from the tip (1, 0) to the inner vertex.
-    theta = np.arctan2(u, -v)  # 0 points up, to the top tip
-    phi = np.abs(np.mod(theta + _STAR_HALF, 2 * _STAR_HALF) - _STAR_HALF)
-    rho = np.sqrt(u * u + v * v)
-    px, py = rho * np.cos(phi), rho * np.sin(phi)
-    dx = _STAR_INNER * np.cos(_STAR_HALF) - 1.0
-    dy = _STAR_INNER * np.sin(_STAR_HALF)
-    # Inside is the origin's side of the edge (where the cross product is positive).
-    return dx * py - dy * (px - 1.0) >= 0.0
-
-
-def _fill_fractions(res: int = 256) -> np.ndarray:
-    g = (np.arange(res) + 0.5) / res * 2.0 - 1.0
-    return np.array([_unit_mask(k, g[None, :], g[:, None]).mean() for k in range(len(SHAPES))])
-
-
-# Fraction of its box each shape covers: sizes are drawn as areas, so no shape is a size cue.
-_FILL = _fill_fractions()
-
-
-@functools.cache
-def _coords(size: int) -> np.ndarray:
-    c = np.arange(size, dtype=np.float32) + 0.5
-    c.setflags(write=False)
-    return c
-
-
-@functools.cache
-def _upsampler(size: int, grid: int) -> np.ndarray:
-    """(size, grid) bilinear interpolation matrix (align-corners=False, edge clamped)."""
-    pos = np.clip((np.arange(size) + 0.5) * grid / size - 0.5, 0.0, grid - 1.0)
-    lo = np.minimum(np.floor(pos).astype(np.int64), grid - 2)
-    frac = pos - lo
-    a = np.zeros((size, grid), np.float32)
-    rows = np.arange(size)
-    a[rows, lo] = 1.0 - frac
-    a[rows, lo + 1] += frac
-    a.setflags(write=False)
-    return a
-
-
-@dataclass(frozen=True)
-class _Obj:
-    """One shape: kind and colour indices, centre and half-size in pixels, jittered RGB."""
-
-    shape: int
-    color: int
-    cx: float
-    cy: float
-    r: float
-    rgb: tuple[int, int, int]
-
-    @property
-    def box(self) -> tuple[float, float, float, float]:
-        return self.cx - self.r, self.cy - self.r, self.cx + self.r, self.cy + self.r
-
-
-def _radius(shape: int, area_frac: float, size: int) -> float:
-    r = size * np.sqrt(area_frac / (4.0 * _FILL[shape]))
-    return float(min(r, size / 2.0))
-
-
-def _jitter(rng: np.random.Generator, color: int) -> tuple[int, int, int]:
-    d = rng.integers(-_COLOR_JITTER, _COLOR_JITTER + 1, size=3).tolist()
-    r, g, b = (min(255, max(0, c + e)) for c, e in zip(_COLOR_VALUES[color], d, strict=True))
-    return r, g, b
-
-
-def _uniform_centre(rng: np.random.Generator, r: float, size: int) -> float:
-    # The whole box stays inside the image.
-    return float(rng.uniform(r, size - r)) if r < size / 2 else size / 2.0
-
-
-def _place_single(
-    rng: np.random.Generator, shape: int, color: int, area_frac: float, size: int
-) -> _Obj:
-    r = _radius(shape, area_frac, size)
-    cx = _uniform_centre(rng, r, size)
-    cy = _uniform_centre(rng, r, size)
-    return _Obj(shape, color, cx, cy, r, _jitter(rng, color))
-
-
-def _object_mask(obj: _Obj, size: int) -> np.ndarray:
-    c = _coords(size)
-    return _unit_mask(obj.shape, (c[None, :] - obj.cx) / obj.r, (c[:, None] - obj.cy) / obj.r)
-
-
-def _background(rng: np.random.Generator, size: int, textured: bool = True) -> np.ndarray:
-    """Smooth low-contrast mid-grey texture, float32 (size, size, 3); with textured=False one
-    flat mid-grey."""
-    if not textured:
-        base = rng.uniform(75.0, 125.0) + rng.uniform(-10.0, 10.0, 3)
-        return np.broadcast_to(base.astype(np.float32), (size, size, 3)).copy()
-    grid = 4 if rng.random() < 0.5 else 8
-    up = _upsampler(size, grid)
-    # Mostly luminance variation with a little chroma: channels stay close to each other, so
-    # the background never resembles a saturated palette colour.
-    coarse = rng.normal(0.0, 14.0, (1, grid, grid)) + rng.normal(0.0, 4.0, (3, grid, grid))
-    base = rng.uniform(75.0, 125.0) + rng.uniform(-10.0, 10.0, 3)
-    smooth = up @ coarse.astype(np.float32) @ up.T  # (3, size, size)
-    img = np.empty((size, size, 3), np.float32)  # channels-last and C-contiguous
-    np.add(smooth.transpose(1, 2, 0), base.astype(np.float32), out=img)
-    # Plain ufuncs: np.clip's Python-level overhead is a sizeable part of a 32x32 sample.
-    np.maximum(img, 30.0, out=img)
-    return np.minimum(img, 180.0, out=img)
-
-
-def _render(
-    objs: list[_Obj], masks: list[np.ndarray], rng: np.random.Generator, size: int,
-    textured: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Image uint8 (H, W, 3) and object-id mask uint8 (H, W); later objects on top."""
-    img = _background(rng, size, textured)
-    ids = np.zeros((size, size), np.uint8)
-    for k, (obj, m) in enumerate(zip(objs, masks, strict=True), start=1):
-        img[m] = obj.rgb
-        ids[m] = k
-    # Uniform per-pixel noise in [-6, 6) (std 3.5): cheaper to draw than Gaussian noise.
-    noise = rng.random((size, size, 3), dtype=np.float32)
-    noise *= 12.0
-    noise -= 5.5  # the extra +0.5 rounds on the cast below
-    img += noise
-    np.maximum(img, 0.0, out=img)
-    np.minimum(img, 255.0, out=img)
-    return img.astype(np.uint8), ids
-
-
-# --------------------------------------------------------------------------------------------
-# Datasets
 
 
 @functools.lru_cache(maxsize=4096)
@@ -316,8 +133,8 @@ class ShapesClassification(_ShapesBase):
         label = self._balanced(i, self.num_classes)
         rng = self._rng(i)
         color = int(rng.integers(len(COLORS)))
-        obj = _place_single(rng, label, color, rng.uniform(0.10, 0.30), self.image_size)
-        image, ids = _render([obj], [_object_mask(obj, self.image_size)], rng, self.image_size,
+        obj = place_shape(rng, label, color, rng.uniform(0.10, 0.30), self.image_size)
+        image, ids = render([obj], [object_mask(obj, self.image_size)], rng, self.image_size,
                              textured=self.background == "texture")
         return {"image": image, "label": np.int32(label)}, ids
 
@@ -327,7 +144,7 @@ class ShapesClassification(_ShapesBase):
 
 @dataclass(frozen=True)
 class _CaptionLayout:
-    objects: list[_Obj]
+    objects: list[PlacedShape]
     relation: str | None  # "<main> <relation> <second>", None for one shape
     sizes: tuple[str, str] | None  # size words of (main, second)
     caption: str
@@ -404,7 +221,7 @@ class ShapesCaptions(_ShapesBase):
         color, shape = divmod(label, n_shapes)
         template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
         if rng.random() >= self._two_shape_prob:
-            obj = _place_single(rng, shape, color, rng.uniform(0.10, 0.30), size)
+            obj = place_shape(rng, shape, color, rng.uniform(0.10, 0.30), size)
             desc = self.class_names[label]
             caption = template.format(d=desc, a=_article(desc))
             return _CaptionLayout([obj], None, None, caption, label)
@@ -414,8 +231,8 @@ class ShapesCaptions(_ShapesBase):
         color2, shape2 = divmod(second, n_shapes)
         main_large = rng.random() < 0.5
         small, large = rng.uniform(0.03, 0.06), rng.uniform(0.10, 0.18)
-        r1 = _radius(shape, large if main_large else small, size)
-        r2 = _radius(shape2, small if main_large else large, size)
+        r1 = shape_radius(shape, large if main_large else small, size)
+        r2 = shape_radius(shape2, small if main_large else large, size)
         # Both boxes must fit side by side along the relation's axis.
         scale = min(1.0, (size - 1.0) / (2.0 * (r1 + r2)))
         r1, r2 = r1 * scale, r2 * scale
@@ -427,7 +244,7 @@ class ShapesCaptions(_ShapesBase):
         ca, cb = float(s0 + ra), float(2.0 * ra + s1 + rb)
         # Keep the across-axis offset under half the along-axis one (where the image allows) so
         # the relation is unambiguous.
-        oa = _uniform_centre(rng, ra, size)
+        oa = uniform_centre(rng, ra, size)
         lo, hi = max(rb, oa - (cb - ca) / 2), min(size - rb, oa + (cb - ca) / 2)
         ob = float(rng.uniform(lo, hi)) if lo < hi else float(np.clip(oa, rb, size - rb))
         if relation in ("left of", "right of"):
@@ -435,8 +252,8 @@ class ShapesCaptions(_ShapesBase):
         else:
             pa, pb = (oa, ca), (ob, cb)
         p1, p2 = (pa, pb) if main_first else (pb, pa)
-        o1 = _Obj(shape, color, p1[0], p1[1], r1, _jitter(rng, color))
-        o2 = _Obj(shape2, color2, p2[0], p2[1], r2, _jitter(rng, color2))
+        o1 = PlacedShape(shape, color, p1[0], p1[1], r1, jitter_color(rng, color))
+        o2 = PlacedShape(shape2, color2, p2[0], p2[1], r2, jitter_color(rng, color2))
         w1, w2 = ("large", "small") if main_large else ("small", "large")
         desc = f"{w1} {self.class_names[label]} {relation} a {w2} {self.class_names[second]}"
         caption = template.format(d=desc, a=_article(desc))
@@ -450,8 +267,8 @@ class ShapesCaptions(_ShapesBase):
         i = self._check_index(index)
         rng = self._rng(i)
         lay = self._sample_layout(i, rng)
-        masks = [_object_mask(o, self.image_size) for o in lay.objects]
-        image, ids = _render(lay.objects, masks, rng, self.image_size)
+        masks = [object_mask(o, self.image_size) for o in lay.objects]
+        image, ids = render(lay.objects, masks, rng, self.image_size)
         return {"image": image, "caption": lay.caption, "label": np.int32(lay.label)}, ids
 
     def __getitem__(self, index: int) -> dict:
@@ -503,8 +320,8 @@ class ShapesSegmentation(_ShapesBase):
             shape, area = int(rng.integers(len(SHAPES))), rng.uniform(lo, hi)
             for attempt in range(_PLACEMENT_TRIES):
                 scale = 0.85 ** (attempt * 3 // _PLACEMENT_TRIES)  # shrink in the later tries
-                obj = _place_single(rng, shape, int(colors[j]), area * scale, size)
-                m = _object_mask(obj, size)
+                obj = place_shape(rng, shape, int(colors[j]), area * scale, size)
+                m = object_mask(obj, size)
                 hidden = np.bincount(ids[m], minlength=len(objs) + 1)[1:]
                 if j == 0 or not hidden.any():
                     break
@@ -520,20 +337,8 @@ class ShapesSegmentation(_ShapesBase):
             objs.append(obj)
             masks.append(m)
             areas.append(int(m.sum()))
-        image, ids = _render(objs, masks, rng, size)
+        image, ids = render(objs, masks, rng, size)
         return {"image": image, "mask": ids, "label": np.int32(objs[0].shape)}, ids
 
     def __getitem__(self, index: int) -> dict:
         return self._generate(index)[0]
-
-
-# --------------------------------------------------------------------------------------------
-# Building blocks shared with the multi-object scenes (crate_jax/data/synthetic_scenes.py)
-
-shape_mask = _unit_mask
-smooth_background = _background
-
-
-def shape_radius(shape: int, area_frac: float, size: int) -> float:
-    """Half-size in pixels of a `shape` covering `area_frac` of a size × size image."""
-    return _radius(shape, area_frac, size)
