@@ -1,28 +1,22 @@
 """Elastic resume: a checkpoint written by P processes resumes with P' != P processes.
 
 The grain path's position is the number of global examples consumed, the same in every process,
-so any process count continues with the same global batches: real multi-process runs
-(launch/local/multiprocess.sh, 2 processes × 4 fake CPU devices, and 1 process × 8) checkpoint
-at step 2, resume with the other process count, and must log the losses of an uninterrupted
-run of that process count. The webdataset path resumes at shard granularity (remainder pass,
+so any process count continues with the same global batches: unit tests here check the
+iterators, and real runs (a 2-process checkpoint resumed on 1 process, and the other way
+round) are in tests/test_multiprocess.py, which shares their training runs with its own
+checks. The webdataset path resumes at shard granularity (remainder pass,
 crate_jax/data/wds_elastic.py): unit tests check that every sample of the epoch is read, and
-that the repeats it logs are the true ones. The module took 124 s on the shared 2-core
-development machine (67 s of CPU), almost all of it in the four training runs; the unit tests
-alone take about 3 s.
+that the repeats it logs are the true ones.
 """
 
 import collections
 import json
 import logging
 import os
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from multiprocess_utils import FAST_COMPILE, IndexSource, metrics
-from multiprocess_utils import env as clean_env
+from multiprocess_utils import IndexSource
 
 from crate_jax.data import pipeline
 from crate_jax.data.webdataset import WebDatasetReader, write_shards
@@ -203,86 +197,3 @@ def test_webdataset_states_of_other_shards_are_refused(shards):
     new = _wds(shards, 0, 1, 0)
     with pytest.raises(ValueError, match="num_shards"):
         new.set_states([old.get_state(), _wds(shards[:6], 1, 2, 0).get_state()])
-
-
-# --------------------------------------------------------------------------- real runs
-
-def _start(workdir, processes, logdir):
-    if processes == 1:
-        return subprocess.Popen(
-            [sys.executable, "-m", "crate_jax.main", *ARGS, f"--workdir={workdir}"], cwd=ROOT,
-            env=clean_env(XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.Popen(
-        ["bash", SCRIPT, f"--processes={processes}", f"--devices={8 // processes}",
-         "--no-follow", f"--python={sys.executable}", f"--timeout={TIMEOUT - 10}",
-         f"--logdir={logdir}", "--", *ARGS, f"--workdir={workdir}"],
-        cwd=ROOT, env=clean_env(XLA_FLAGS=FAST_COMPILE), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_all(procs):
-    try:
-        outs = [p.communicate(timeout=TIMEOUT)[0] for p, _ in procs]
-    finally:
-        for p, _ in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for (p, logdir), out in zip(procs, outs, strict=True):
-        logs = "".join(f"\n--- {f.name} ---\n" + f.read_text()[-3000:]
-                       for f in sorted(logdir.glob("process_*.log"))) if logdir.exists() else ""
-        assert p.returncode == 0, out[-5000:] + logs
-    return outs
-
-
-def _resumable_copy(run, target):
-    """A workdir holding only `run`'s config and its checkpoint at RESUME_AT."""
-    (target / "checkpoints").mkdir(parents=True)
-    shutil.copy(run / "config.json", target / "config.json")
-    shutil.copytree(run / "checkpoints" / str(RESUME_AT), target / "checkpoints" / str(RESUME_AT))
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Uninterrupted 1-process and 2-process runs (checkpoints every 2 steps, all kept); then
-    each one's step-2 checkpoint resumed with the other process count."""
-    base = tmp_path_factory.mktemp("elastic")
-    one, two = base / "one", base / "two"
-    _wait_all([(_start(one, 1, base / "logs_one"), base / "logs_one"),
-               (_start(two, 2, base / "logs_two"), base / "logs_two")])
-    two_to_one, one_to_two = base / "two_to_one", base / "one_to_two"
-    _resumable_copy(two, two_to_one)
-    _resumable_copy(one, one_to_two)
-    outs = _wait_all([(_start(two_to_one, 1, base / "logs_21"), base / "logs_21"),
-                      (_start(one_to_two, 2, base / "logs_12"), base / "logs_12")])
-    return base, outs
-
-
-@pytest.mark.parametrize("resumed, reference, saved_files, new_files", [
-    ("two_to_one", "one", ["process_0-of-2.json", "process_1-of-2.json"],
-     ["process_0-of-1.json"]),
-    ("one_to_two", "two", ["process_0-of-1.json"],
-     ["process_0-of-2.json", "process_1-of-2.json"]),
-])
-def test_grain_run_resumes_with_another_process_count(runs, resumed, reference, saved_files,
-                                                      new_files):
-    base, outs = runs
-    ckpt = base / resumed / "checkpoints"
-    assert sorted(p.name for p in (ckpt / str(RESUME_AT) / "data").glob("process_*")) == \
-        saved_files
-    assert sorted(p.name for p in (ckpt / str(STEPS) / "data").glob("process_*")) == new_files
-    if resumed == "one_to_two":
-        for log in (base / "logs_12").glob("process_*.log"):
-            assert f"resumed from step {RESUME_AT} " in log.read_text()
-    else:
-        assert f"resumed from step {RESUME_AT} " in outs[0]
-    got, want = metrics(base / resumed), metrics(base / reference)
-    logged = sorted(k for k, v in got.items() if "train/loss" in v)
-    assert logged == [4, 6]
-    for step in logged:
-        for key in ("train/loss", "train/grad_norm", "train/accuracy"):
-            np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-5,
-                                       err_msg=f"{key} at step {step}")
-    np.testing.assert_allclose(got[STEPS]["val/loss"], want[STEPS]["val/loss"], rtol=1e-5)
-    assert got[STEPS]["val/top1"] == want[STEPS]["val/top1"]

@@ -244,7 +244,7 @@ def test_orbax_checkpoint_on_gs_sharded(gcs):
 
 # --- a whole run in the bucket, SIGKILLed and resumed, against the same run in a local folder ---
 
-STEPS, EVERY = 16, 4
+STEPS, EVERY = 8, 4
 RUN_CONFIG = '''"""The demo smoke config on webdataset shards and a SentencePiece model."""
 import importlib.util
 
@@ -368,3 +368,25 @@ def test_run_on_gs_killed_and_resumed_equals_local_run(gcs, tmp_path):
     got, want = final_params(workdir), final_params(str(tmp_path / "local_run"))
     jax.tree.map(np.testing.assert_array_equal, got, want)
     assert len(jax.tree.leaves(got)) == len(jax.tree.leaves(want)) > 10
+    _analyze_reads_the_run_in_the_bucket(workdir, got, tmp_path)
+
+
+def _analyze_reads_the_run_in_the_bucket(workdir: str, params: dict, tmp_path) -> None:
+    """crate_jax.analyze loads the run from gs:// (its workdir, and one step directory: the
+    image tower holds the checkpoint's values), and asks for a local --out."""
+    from flax import nnx
+
+    from crate_jax import analyze
+    from crate_jax.convert.runs import read_checkpoint
+
+    for run in (analyze.load_workdir(workdir),
+                analyze.load_checkpoint(f"{workdir}/checkpoints/{STEPS}")):
+        assert run.step == STEPS
+        loaded = nnx.to_pure_dict(nnx.state(run.model, nnx.Param))
+        jax.tree.map(np.testing.assert_array_equal, loaded, params["image"])
+    read, _, step = read_checkpoint(f"{workdir}/checkpoints", missing="none")
+    assert step == STEPS
+    jax.tree.map(np.testing.assert_array_equal, read, params)
+    with pytest.raises(SystemExit):
+        analyze.parse_args([f"--workdir={workdir}"])  # no --out: the figures are local
+    assert not (tmp_path / "gs:").exists()

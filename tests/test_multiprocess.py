@@ -1,6 +1,6 @@
 """The multi-host path on one machine: 2 processes × 4 fake CPU devices joined by jax.distributed
-(launch/local/multiprocess.sh) train the demo config, and match a plain 1 process × 8 devices
-run of the same config.
+(launch/local/multiprocess.sh) train the demo config (with Mixup and CutMix), and match a plain
+1 process × 8 devices run of the same config.
 
 Why they can match: the pipeline shuffles the whole source in one global order, cuts it into
 per-process batches and deals batch k·P + p to process p (crate_jax/data/pipeline.py), and the
@@ -20,6 +20,7 @@ numerics in both, about half the CPU compile time).
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,10 +36,13 @@ SCRIPT = os.path.join(ROOT, "launch", "local", "multiprocess.sh")
 DEMO = os.path.join(ROOT, "configs", "demo_classification.py")
 PROCESSES, DEVICES = 2, 4
 STEPS = 6
+RESUME_AT = 2  # the 1-process run's checkpoint that resumes on 2 processes
+# Mixup and CutMix on (each device mixes its own shard: the same mix on 2 × 4 as on 1 × 8)
 OVERRIDES = (f"--config.total_steps={STEPS}", f"--config.optim.total_steps={STEPS}",
-             "--config.checkpoint.async_save=False", "--config.measure_flops=False",
-             "--config.tensorboard=False")
-TIMEOUT = 150
+             "--config.mixup=0.8", "--config.cutmix=1.0",
+             "--config.checkpoint.keep=10", "--config.checkpoint.async_save=False",
+             "--config.measure_flops=False", "--config.tensorboard=False")
+TIMEOUT = 240
 
 
 def _target_state(config, mesh):
@@ -80,46 +84,72 @@ def _wait_for(path, text, proc, timeout=TIMEOUT):
     raise TimeoutError(f"{text!r} never appeared in {path}")
 
 
+def _start_one(workdir, args):
+    """A plain 1 process × 8 devices run."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "crate_jax.main", *args, f"--workdir={workdir}"],
+        cwd=ROOT, env=clean_env(XLA_FLAGS=(f"--xla_force_host_platform_device_count="
+                                      f"{PROCESSES * DEVICES} {FAST_COMPILE}")),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _resumable_copy(run, step, target):
+    """A workdir holding only `run`'s config and its checkpoint at `step`."""
+    (target / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "config.json", target / "config.json")
+    shutil.copytree(run / "checkpoints" / str(step), target / "checkpoints" / str(step))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A 2-process run preempted and resumed, and a plain 1-process × 8-device run of the same
-    config (50 to 70 s).
+    """Five runs of one config in two stages (about 60 s):
 
-    The 1-process run starts together with the first leg. The first leg gets SIGTERM in process 1
-    alone, as soon as jax.distributed is up: both processes must stop at the same step, save
-    and exit 0. The second leg (same command) resumes and runs to the end; a persistent
-    compilation cache shared by the two legs spares the second its compiles."""
+    1. a plain 1-process × 8-device run (`one_process`: checkpoints every 2 steps, all kept),
+       next to a 2-process run whose process 1 alone gets SIGTERM as soon as jax.distributed
+       is up: both processes must stop at the same step, save and exit 0;
+    2. at once: the same 2-process command resumes and finishes (`two_processes`); the
+       1-process run's step-2 checkpoint resumes on 2 processes (`one_to_two`); the 2-process
+       run's SIGTERM checkpoint resumes on 1 process (`two_to_one`).
+    A persistent compilation cache shared by the two 2-process legs spares the second its
+    compiles."""
     base = tmp_path_factory.mktemp("multiprocess")
     multi, single = base / "two_processes", base / "one_process"
     args = [f"--config={DEMO}:smoke", *OVERRIDES]
     env = clean_env(XLA_FLAGS=FAST_COMPILE, JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    reference = subprocess.Popen(
-        [sys.executable, "-m", "crate_jax.main", *args, f"--workdir={single}"],
-        cwd=ROOT, env=clean_env(XLA_FLAGS=(f"--xla_force_host_platform_device_count="
-                                      f"{PROCESSES * DEVICES} {FAST_COMPILE}")),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    procs = [_start_one(single, args)]
     try:
         first = _launch(multi, base / "logs_first", env, args)
+        procs.append(first)
         banner = first.stdout.readline()
         pids = [int(p) for p in banner.rsplit("pids", 1)[1].split()]
         assert len(pids) == PROCESSES, banner
         _wait_for(base / "logs_first" / "process_1.log", "jax.distributed: process 1 of 2", first)
         os.kill(pids[1], signal.SIGTERM)
         _finish(first, base / "logs_first")
+        out, _ = procs[0].communicate(timeout=TIMEOUT)
+        assert procs[0].returncode == 0, out[-5000:]
+        stopped = max(int(d.name) for d in (multi / "checkpoints").iterdir() if d.name.isdigit())
+        _resumable_copy(multi, stopped, base / "two_to_one")
+        _resumable_copy(single, RESUME_AT, base / "one_to_two")
         second = _launch(multi, base / "logs_second", env, args)
+        one_to_two = _launch(base / "one_to_two", base / "logs_12", env, args)
+        two_to_one = _start_one(base / "two_to_one", args)
+        procs += [second, one_to_two, two_to_one]
         _finish(second, base / "logs_second")
-        out, _ = reference.communicate(timeout=TIMEOUT)
-        assert reference.returncode == 0, out[-5000:]
+        _finish(one_to_two, base / "logs_12")
+        out, _ = two_to_one.communicate(timeout=TIMEOUT)
+        assert two_to_one.returncode == 0, out[-5000:]
     finally:
-        if reference.poll() is None:
-            reference.kill()
-            reference.communicate()
-    return base, multi, single
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return base, multi, single, {"two_to_one": stopped, "one_to_two": RESUME_AT}, out
 
 
 def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes(runs):
-    base, multi, _ = runs
+    base, multi, *_ = runs
     first = [(base / "logs_first" / f"process_{i}.log").read_text() for i in range(PROCESSES)]
     second = [(base / "logs_second" / f"process_{i}.log").read_text() for i in range(PROCESSES)]
     stops = [re.findall(r"stopping at step (\d+) after a termination signal", log)
@@ -134,7 +164,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes(runs):
 
 
 def test_two_processes_match_one_process(runs):
-    base, multi, single = runs
+    base, multi, single, *_ = runs
     config = json.loads((multi / "config.json").read_text())
     assert config["batch_size"] == 16 and config["mesh"]["fsdp"] == -1
     logs = [(base / "logs_second" / f"process_{i}.log").read_text() for i in range(PROCESSES)]
@@ -163,7 +193,7 @@ def test_checkpoint_of_two_processes_restores_in_one(runs):
     from crate_jax.train.checkpoint import Checkpointer
     from crate_jax.train.loop import final_params
 
-    _, multi, single = runs
+    _, multi, single, *_ = runs
     step_dir = multi / "checkpoints" / str(STEPS)
     assert sorted(p.name for p in (step_dir / "data").glob("process_*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
@@ -190,6 +220,40 @@ def test_checkpoint_of_two_processes_restores_in_one(runs):
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref), strict=True):
         assert a.sharding.mesh.devices.size == 8
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("resumed, reference, saved_files, new_files", [
+    ("two_to_one", "one_process", ["process_0-of-2.json", "process_1-of-2.json"],
+     ["process_0-of-1.json"]),
+    ("one_to_two", "two_processes", ["process_0-of-1.json"],
+     ["process_0-of-2.json", "process_1-of-2.json"]),
+])
+def test_grain_run_resumes_with_another_process_count(runs, resumed, reference, saved_files,
+                                                      new_files):
+    """Elastic resume: the grain path's position is the number of global examples consumed,
+    the same in every process, so a checkpoint of P processes resumes with P' != P and logs
+    what the run of P' processes logged (the data positions of all P are read)."""
+    base, _, _, resumed_at, two_to_one_out = runs
+    at = resumed_at[resumed]
+    ckpt = base / resumed / "checkpoints"
+    assert sorted(p.name for p in (ckpt / str(at) / "data").glob("process_*")) == saved_files
+    assert sorted(p.name for p in (ckpt / str(STEPS) / "data").glob("process_*")) == new_files
+    if resumed == "one_to_two":
+        logs = sorted((base / "logs_12").glob("process_*.log"))
+        assert len(logs) == PROCESSES
+        for log in logs:
+            assert f"resumed from step {at} " in log.read_text()
+    else:
+        assert f"resumed from step {at} " in two_to_one_out
+    got, want = metrics(base / resumed), metrics(base / reference)
+    logged = sorted(k for k, v in got.items() if "train/loss" in v)
+    assert logged and logged == [s for s in (2, 4, 6) if s > at]
+    for step in logged:
+        for key in ("train/loss", "train/grad_norm", "train/accuracy"):
+            np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-5,
+                                       err_msg=f"{key} at step {step}")
+    np.testing.assert_allclose(got[STEPS]["val/loss"], want[STEPS]["val/loss"], rtol=1e-5)
+    assert got[STEPS]["val/top1"] == want[STEPS]["val/top1"]
 
 
 @pytest.mark.parametrize("env, called_with", [

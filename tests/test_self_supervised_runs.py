@@ -21,9 +21,9 @@ from crate_jax.train.loop import final_params, train_and_evaluate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"mae": os.path.join(ROOT, "configs", "demo_mae.py"),
            "simdino": os.path.join(ROOT, "configs", "demo_simdino.py")}
-STEPS = 16
-LONG = {"total_steps": STEPS, "optim.total_steps": STEPS, "checkpoint.every": 4,
-        "log_every": 8}
+STEPS = 8
+LONG = {"total_steps": STEPS, "optim.total_steps": STEPS, "checkpoint.every": 2,
+        "log_every": 4}
 
 
 def _flags(updates: dict) -> list[str]:
@@ -56,14 +56,17 @@ def uninterrupted(tmp_path_factory):
 def _main(task: str, workdir) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "crate_jax.main", f"--config={CONFIGS[task]}:smoke",
            f"--workdir={workdir}", *_flags(LONG)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    # on 8 devices as the reference in this process, with its XLA_FLAGS (so the programs it
+    # compiled are in the shared compilation cache for this one: tests/conftest.py)
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.parametrize("task", sorted(CONFIGS))
 def test_sigkill_then_rerun_is_bitwise_equal(task, tmp_path, uninterrupted):
     proc = _main(task, tmp_path)
-    wait_for_checkpoint(tmp_path, proc)
+    wait_for_checkpoint(tmp_path, proc, minimum=2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL

@@ -27,7 +27,8 @@ from crate_jax.convert.tost import read_tost_run
 
 CONFIG = os.path.join(ROOT, "configs", "demo_tost.py")
 TOST = f"--config={CONFIG}:smoke,model=tost"  # the ToST run alone (no comparison study)
-LONG = ("--config.total_steps=12", "--config.optim.total_steps=12",
+STEPS = 8
+ARGS = (*QUIET, f"--config.total_steps={STEPS}", f"--config.optim.total_steps={STEPS}",
         "--config.checkpoint.every=2", "--config.log_every=4")
 
 
@@ -36,19 +37,42 @@ def _leaves(tree):
 
 
 def _main(workdir, *args):
+    """A 1 process × 8 devices ToST run, as the Pair's one_process run is started."""
     return subprocess.Popen(
-        [sys.executable, "-m", "crate_jax.main", TOST,
-         f"--workdir={workdir}", "--config.measure_flops=False", *args],
-        cwd=ROOT, env=env(XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}"),
+        [sys.executable, "-m", "crate_jax.main", TOST, f"--workdir={workdir}", *args],
+        cwd=ROOT, env=env(XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_two_processes_match_one(tmp_path):
-    pair = Pair(tmp_path, "tost", [TOST, *QUIET], timeout=900).wait()
-    final = assert_runs_match(pair, ("val/",))
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """At once: the 2-process / 1-process pair of ARGS, and the same 1-process command
+    SIGKILLed after its checkpoint at step 2 or later, then rerun (it resumes); so the pair's
+    one_process run is the uninterrupted run the killed one must end equal to."""
+    base = tmp_path_factory.mktemp("tost_runs")
+    pair = Pair(base, "tost", [TOST, *ARGS], timeout=900)
+    killed = _main(base / "killed", *ARGS)
+    try:
+        wait_for_checkpoint(base / "killed", killed, minimum=2, timeout=500)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        assert killed.returncode == -signal.SIGKILL
+        resumed = _main(base / "killed", *ARGS)
+        out, _ = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0 and "resumed from step" in out, out
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+            killed.communicate()
+    return pair.wait(), base / "killed"
+
+
+def test_two_processes_match_one(runs):
+    pair, _ = runs
+    final = assert_runs_match(pair, ("val/",), steps=STEPS, logged_steps=(4, STEPS))
     assert final["val/count"] == 40
     multi, single = read_tost_run(pair.multi), read_tost_run(pair.single)
-    assert multi[1] and multi[2] == single[2] == 4
+    assert multi[1] and multi[2] == single[2] == STEPS
     start = 0.0
     for a, b in zip(_leaves(multi[1]), _leaves(single[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -56,20 +80,11 @@ def test_two_processes_match_one(tmp_path):
     assert start > 0  # the statistics moved away from their initial 0 / 1
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
-    whole = _main(tmp_path / "whole", *LONG)
-    killed = _main(tmp_path / "killed", *LONG)
-    wait_for_checkpoint(tmp_path / "killed", killed, minimum=4, timeout=500)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL
-    out, _ = whole.communicate(timeout=600)
-    assert whole.returncode == 0, out
-    resumed = _main(tmp_path / "killed", *LONG)
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0 and "resumed from step" in out, out
-    a, b = read_tost_run(tmp_path / "killed"), read_tost_run(tmp_path / "whole")
-    assert a[2] == b[2] == 12 and a[1]
+def test_sigkill_then_resume_is_bitwise_identical(runs):
+    """The parameters and the BatchNorm running statistics in the checkpoint both resume."""
+    pair, killed = runs
+    a, b = read_tost_run(killed), read_tost_run(pair.single)
+    assert a[2] == b[2] == STEPS and a[1]
     for x, y in zip(_leaves(a[:2]), _leaves(b[:2]), strict=True):
         np.testing.assert_array_equal(x, y)
 
@@ -137,8 +152,8 @@ def test_demo_compares_both_models(tmp_path):
 
 
 def test_lm_task_trains_tost_gpt(tmp_path):
-    """The lm trainer (configs/demo_lm.py:smoke) with ToST-GPT against its GPT-2 baseline;
-    TSSA's temperature and per-position bias are trained, never weight-decayed."""
+    """The lm trainer (configs/demo_lm.py:smoke) with ToST-GPT; TSSA's temperature and
+    per-position bias are trained, never weight-decayed."""
     sys.path.insert(0, os.path.join(ROOT, "configs"))
     import demo_lm
 
@@ -147,12 +162,12 @@ def test_lm_task_trains_tost_gpt(tmp_path):
 
     config = demo_lm.get_config("smoke")
     config.model.name = "tost-gpt-base"
+    config.compare_with = None  # ToST-GPT alone (the GPT-2 baseline is the demo's own test)
     config.tensorboard = False
     final = train_and_evaluate(config, str(tmp_path))
     assert final["step"] == 4 and all(np.isfinite(v) for v in final.values())
     params = final_params(str(tmp_path))
-    attn = params["crate"]["encoder"]["layers"]["attn"] if "crate" in params else \
-        params["encoder"]["layers"]["attn"]
+    attn = params["encoder"]["layers"]["attn"]
     assert attn["denom_bias"].shape == (2, 2, 32)  # (layers, heads, context)
     assert float(np.abs(attn["denom_bias"]).max()) > 0  # trained away from its zero init
     mask = decay_mask({"encoder": {"layers": {"attn": attn}}})["encoder"]["layers"]["attn"]

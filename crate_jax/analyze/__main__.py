@@ -86,7 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.out is None:
         if len(args.workdir) != 1 or args.checkpoint:
             p.error("--out is needed unless exactly one --workdir is given")
+        if "://" in args.workdir[0]:
+            p.error(f"--out is needed with --workdir={args.workdir[0]}: runs are read from "
+                    "gs:// and the like, the figures written to a local folder")
         args.out = os.path.join(args.workdir[0], "analysis")
+    if "://" in args.out:
+        p.error(f"--out={args.out}: name a local folder (runs may be read from gs://)")
     if args.data not in DATA_CHOICES:
         p.error(f"--data: unknown data {args.data!r}; use one of {', '.join(DATA_CHOICES)}")
     if args.seg_images is None:

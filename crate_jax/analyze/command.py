@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from crate_jax.analyze.figures import plot_attention, plot_layerwise, plot_pca, plot_segmentation
 from crate_jax.analyze.loading import Run, load_checkpoint, load_images, load_workdir, random_init
@@ -175,11 +176,10 @@ def language_run(args: argparse.Namespace) -> bool:
     (whitebox/neurons.py)."""
     if len(args.workdir) != 1 or args.checkpoint:
         return False
-    path = os.path.join(args.workdir[0], "config.json")
-    if not os.path.exists(path):
+    path = epath.Path(args.workdir[0]) / "config.json"  # a local folder or gs://...
+    if not path.exists():
         return False
-    with open(path) as f:
-        return json.load(f).get("trainer") in ("lm", "mlm")
+    return json.loads(path.read_text()).get("trainer") in ("lm", "mlm")
 
 
 def analyze_language(args: argparse.Namespace) -> int:

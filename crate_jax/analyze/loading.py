@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from crate_jax import tasks
@@ -37,12 +38,17 @@ class Run:
     full: Any = None  # the task's whole model (an MAE with its decoder, SimDINO's pair)
 
 
-def _read_config(path: str, flag: str) -> ml_collections.ConfigDict:
-    if not os.path.exists(path):
+def _path(path: str) -> epath.Path:
+    """A local path made absolute (orbax takes absolute paths only); gs:// and the like as
+    given."""
+    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
+def _read_config(path: epath.Path, flag: str) -> ml_collections.ConfigDict:
+    if not path.exists():
         raise FileNotFoundError(f"{flag}: no config.json at {path} (a run's workdir holds the "
                                 "resolved config the model is built from)")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def _image_tower(model, config, flag: str):
@@ -102,11 +108,13 @@ def _with_params(model, params: dict, batch_stats: dict | None = None):
 
 
 def load_workdir(workdir: str) -> Run:
-    if not os.path.isdir(workdir):
+    """The run in `workdir` (a local folder or gs://...) at its latest checkpoint."""
+    path = _path(workdir)
+    if not path.is_dir():
         raise FileNotFoundError(f"--workdir: {workdir} does not exist")
-    config = _read_config(os.path.join(workdir, "config.json"), "--workdir")
-    ckpt = os.path.join(workdir, "checkpoints")
-    steps = [int(s) for s in os.listdir(ckpt) if s.isdigit()] if os.path.isdir(ckpt) else []
+    config = _read_config(path / "config.json", "--workdir")
+    ckpt = path / "checkpoints"
+    steps = [int(s.name) for s in ckpt.iterdir() if s.name.isdigit()] if ckpt.is_dir() else []
     if not steps:
         raise FileNotFoundError(f"--workdir: {workdir} has no checkpoint in {ckpt}")
     model, tower = build_model(config, seed=int(config.get("seed", 0)), flag="--workdir")
@@ -114,32 +122,30 @@ def load_workdir(workdir: str) -> Run:
                                                      f"in {ckpt}")
     _with_params(model, params, stats)
     model.eval()
-    return Run(os.path.basename(os.path.normpath(workdir)), workdir, config, tower, max(steps),
-               model)
+    return Run(path.name, workdir, config, tower, max(steps), model)
 
 
 def load_checkpoint(path: str) -> Run:
     """A run from a checkpoints directory (WORKDIR/checkpoints, latest step), a step directory
     (WORKDIR/checkpoints/STEP) or a workdir; the config is the workdir's config.json."""
-    path = os.path.abspath(path)  # orbax takes absolute paths only
-    if not os.path.isdir(path):
+    path = _path(path)
+    if not path.is_dir():
         raise FileNotFoundError(f"--checkpoint: {path} does not exist")
     step = None
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        directory, workdir = os.path.join(path, "checkpoints"), path
-    elif os.path.basename(path).isdigit():
-        directory, step = os.path.dirname(path), int(os.path.basename(path))
-        workdir = os.path.dirname(directory)
+    if (path / "checkpoints").is_dir():
+        directory, workdir = path / "checkpoints", path
+    elif path.name.isdigit():
+        directory, step = path.parent, int(path.name)
+        workdir = directory.parent
     else:
-        directory, workdir = path, os.path.dirname(path)
-    config = _read_config(os.path.join(workdir, "config.json"), "--checkpoint")
+        directory, workdir = path, path.parent
+    config = _read_config(workdir / "config.json", "--checkpoint")
     params, stats, step = read_checkpoint(directory, step,
                                           missing=f"--checkpoint: no checkpoint step in {path}")
     model, tower = build_model(config, seed=int(config.get("seed", 0)), flag="--checkpoint")
     _with_params(model, params, stats)
     model.eval()
-    name = f"{os.path.basename(workdir)}@{step}"
-    return Run(name, path, config, tower, step, model)
+    return Run(f"{workdir.name}@{step}", str(path), config, tower, step, model)
 
 
 def random_init(run: Run) -> Run:

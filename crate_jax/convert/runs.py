@@ -106,7 +106,9 @@ def read_checkpoint(directory: str | os.PathLike, step: int | None = None, *,
     """(params, batch_stats ({} when it holds none), step) of a checkpoint directory, as NumPy
     arrays: `step`, or the latest when None. Raises FileNotFoundError(`missing`) when there is
     no such step."""
-    checkpointer = Checkpointer(epath.Path(os.path.abspath(directory)), async_save=False)
+    local = "://" not in str(directory)  # gs:// and the like as given; orbax needs absolute
+    checkpointer = Checkpointer(epath.Path(os.path.abspath(directory) if local else directory),
+                                async_save=False)
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None or step not in checkpointer.manager.all_steps():

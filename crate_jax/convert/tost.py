@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from crate_jax import models
@@ -345,7 +346,7 @@ def write_tost_run(out: str | os.PathLike, imported: ImportedToST,
 def read_tost_run(path: str | os.PathLike, step: int | None = None
                   ) -> tuple[dict[str, Any], dict[str, Any], int]:
     """(params, batch_stats, step) of a run directory or its checkpoints/ directory, NumPy."""
-    path = Path(path)
+    path = epath.Path(path)  # a local folder or gs://...
     ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"{path}: no run or checkpoint directory")
