@@ -60,6 +60,10 @@ def runs(tmp_path_factory):
         resumed = _main(base / "killed", *ARGS)
         out, _ = resumed.communicate(timeout=600)
         assert resumed.returncode == 0 and "resumed from step" in out, out
+    except BaseException:
+        for proc in pair.procs:  # a failure here leaves no pair running on to its timeout
+            proc.kill()
+        raise
     finally:
         if killed.poll() is None:
             killed.kill()
