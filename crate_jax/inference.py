@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,14 +31,9 @@ from crate_jax.convert.importers import build_loaded
 from crate_jax.data import images as image_ops
 from crate_jax.models.state import set_batch_stats, with_batch_stats
 from crate_jax.train.checkpoint import Checkpointer
+from crate_jax.train.workdir import absolute
 
 __all__ = ["Loaded", "eval_specs", "evaluate", "load", "read_run_config"]
-
-def absolute(path: str) -> str:
-    """A local path made absolute (orbax needs absolute paths); gs:// and the like as given."""
-    path = str(path)
-    return path if "://" in path else os.path.abspath(path)
-
 
 def read_run_config(run_dir: str, tokenizer: str | None = None) -> ml_collections.ConfigDict:
     """The run's config.json as a ConfigDict, with `tokenizer` (when given) as data.tokenizer."""

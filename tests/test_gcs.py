@@ -201,6 +201,20 @@ def test_tensorboard_without_google_cloud_storage_names_it(gcs, monkeypatch, cap
     assert list(gcs.objects("no_tb_run/")) == ["no_tb_run/metrics.jsonl"]
 
 
+def test_analyze_names_what_it_cannot_do_with_a_run_in_gs(gcs, tmp_path, capsys):
+    """A language-model run in a bucket: one line saying the neuron analysis reads local
+    workdirs (exit 2, nothing written); a bucket --out is refused by the flags."""
+    from crate_jax import analyze
+
+    workdir = _gs(gcs, "lm_run")
+    epath.Path(workdir, "config.json").write_text(json.dumps({"trainer": "mlm"}))
+    assert analyze.main([f"--workdir={workdir}", f"--out={tmp_path / 'out'}"]) == 2
+    assert "reads a local workdir only" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        analyze.parse_args([f"--workdir={workdir}", f"--out={_gs(gcs, 'figures')}"])
+
+
 def test_orbax_checkpoint_on_gs_sharded(gcs):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P

@@ -176,10 +176,14 @@ def language_run(args: argparse.Namespace) -> bool:
     (whitebox/neurons.py)."""
     if len(args.workdir) != 1 or args.checkpoint:
         return False
-    path = epath.Path(args.workdir[0]) / "config.json"  # a local folder or gs://...
-    if not path.exists():
+    workdir = args.workdir[0]
+    path = epath.Path(workdir) / "config.json"  # a local folder or gs://...
+    if not path.exists() or json.loads(path.read_text()).get("trainer") not in ("lm", "mlm"):
         return False
-    return json.loads(path.read_text()).get("trainer") in ("lm", "mlm")
+    if "://" in workdir:  # load_language_run reads local folders only
+        raise ValueError(f"--workdir={workdir}: the neuron analysis of a language model reads "
+                         "a local workdir only; copy the run to a local folder first")
+    return True
 
 
 def analyze_language(args: argparse.Namespace) -> int:

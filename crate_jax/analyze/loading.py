@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any
 
 import jax
@@ -24,6 +23,7 @@ from crate_jax.models.tost import ToSTVision
 from crate_jax.models.vision import VisionTransformer
 from crate_jax.tasks.classification import IMAGENET_MEAN, IMAGENET_STD
 from crate_jax.tasks.contrastive import CLIP_MEAN, CLIP_STD
+from crate_jax.train.workdir import absolute
 
 DATA_CHOICES = ("synthetic_shapes", "synthetic_segmentation", "synthetic_scenes")
 
@@ -36,12 +36,6 @@ class Run:
     model: Any  # VisionTransformer (the image tower of a CLIP model, an MAE's encoder, ...)
     step: int | None = None
     full: Any = None  # the task's whole model (an MAE with its decoder, SimDINO's pair)
-
-
-def _path(path: str) -> epath.Path:
-    """A local path made absolute (orbax takes absolute paths only); gs:// and the like as
-    given."""
-    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
 
 
 def _read_config(path: epath.Path, flag: str) -> ml_collections.ConfigDict:
@@ -109,7 +103,7 @@ def _with_params(model, params: dict, batch_stats: dict | None = None):
 
 def load_workdir(workdir: str) -> Run:
     """The run in `workdir` (a local folder or gs://...) at its latest checkpoint."""
-    path = _path(workdir)
+    path = epath.Path(absolute(workdir))
     if not path.is_dir():
         raise FileNotFoundError(f"--workdir: {workdir} does not exist")
     config = _read_config(path / "config.json", "--workdir")
@@ -128,7 +122,7 @@ def load_workdir(workdir: str) -> Run:
 def load_checkpoint(path: str) -> Run:
     """A run from a checkpoints directory (WORKDIR/checkpoints, latest step), a step directory
     (WORKDIR/checkpoints/STEP) or a workdir; the config is the workdir's config.json."""
-    path = _path(path)
+    path = epath.Path(absolute(path))
     if not path.is_dir():
         raise FileNotFoundError(f"--checkpoint: {path} does not exist")
     step = None

@@ -40,6 +40,7 @@ from crate_jax.models.autoencoder import MAEConfig
 from crate_jax.models.clip import ClipConfig
 from crate_jax.models.config import VisionConfig
 from crate_jax.train.checkpoint import Checkpointer
+from crate_jax.train.workdir import absolute
 
 __all__ = ["NoDataPosition", "load_run", "read_checkpoint", "run_config", "write_run",
            "write_run_directory"]
@@ -106,9 +107,7 @@ def read_checkpoint(directory: str | os.PathLike, step: int | None = None, *,
     """(params, batch_stats ({} when it holds none), step) of a checkpoint directory, as NumPy
     arrays: `step`, or the latest when None. Raises FileNotFoundError(`missing`) when there is
     no such step."""
-    local = "://" not in str(directory)  # gs:// and the like as given; orbax needs absolute
-    checkpointer = Checkpointer(epath.Path(os.path.abspath(directory) if local else directory),
-                                async_save=False)
+    checkpointer = Checkpointer(epath.Path(absolute(directory)), async_save=False)
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None or step not in checkpointer.manager.all_steps():

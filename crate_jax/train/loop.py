@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 from typing import Any
 
 import jax
@@ -339,8 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Every check (config, mesh, batch, model, data sources, a saved config to resume) and the
     compile happen before the workdir is written, so a failed start leaves it as it was."""
     maybe_initialize_distributed()
-    # orbax needs absolute paths; a relative one (the default runs/<config>) is from the cwd
-    workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+    workdir = epath.Path(workdir_files.absolute(workdir))
     run = _setup(config, workdir)
     with jax.set_mesh(run.mesh):
         params, run.rest = run.state.init_params()
@@ -369,9 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def final_params(workdir: str) -> dict[str, np.ndarray]:
     """The parameters of the latest checkpoint of a run, as NumPy (for tests and tools)."""
-    # orbax wants absolute paths; a relative workdir (runs/demo) is from the cwd
-    workdir = workdir if "://" in str(workdir) else os.path.abspath(workdir)
-    checkpointer = Checkpointer(epath.Path(workdir) / "checkpoints", async_save=False)
+    checkpointer = Checkpointer(epath.Path(workdir_files.absolute(workdir)) / "checkpoints",
+                                async_save=False)
     devices = jax.local_devices()[:1]
     sharding = jax.sharding.SingleDeviceSharding(devices[0])
     return jax.device_get(checkpointer.restore_params(None, sharding))

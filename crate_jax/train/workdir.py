@@ -32,6 +32,13 @@ def _is_remote(path: str | epath.Path) -> bool:
     return "://" in str(path)
 
 
+def absolute(path: str | os.PathLike) -> str:
+    """A local path made absolute (orbax takes absolute paths only; a relative one, such as
+    the default runs/<config>, is from the cwd); gs:// and the like as given."""
+    path = str(path)
+    return path if _is_remote(path) else os.path.abspath(path)
+
+
 def check_writable(workdir: str | epath.Path) -> None:
     """Raise ValueError naming `workdir` when it is a file, lies below a file, or cannot be
     written (a file created and removed in the nearest folder that exists; nothing stays)."""
