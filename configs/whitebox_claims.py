@@ -13,8 +13,8 @@ whitebox_claims.json), copied to docs/whitebox_claims/ (docs/whitebox_claims_gpu
 
 **CPU preset** (2 cores): width 128, depth 6, 2 heads (head dim 64), patch 8 at 64 px (64
 patches + cls), batch 64, 1,200 steps per model, AdamW at 2e-3 (ViT at 5e-4). Chosen by
-measurement on 2026-12-07 (UTC) on an idle 2-core AMD EPYC VM (a 1024² float32 NumPy matmul at about
-170 GFLOP/s), seconds per step after warm-up at batch 64:
+measurement on 2026-12-07 (UTC) on an idle 2-core AMD EPYC VM (a 1024² float32 NumPy matmul
+at about 170 GFLOP/s), seconds per step after warm-up at batch 64:
     crate        128 x 6:  0.17-0.20 s
     crate_alpha  128 x 6:  0.43-0.56 s
     vit          128 x 6:  0.41-0.50 s

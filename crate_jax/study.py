@@ -133,6 +133,8 @@ def analyze_model(name: str, run_dir: str, data: dict, a, out: str) -> tuple[dic
     entry = {"model": run.config.model.name, "block": cfg.block, "width": cfg.width,
              "depth": cfg.depth, "heads": cfg.heads, "patch_size": cfg.patch_size,
              "image_size": cfg.image_size, "step": run.step,
+             # models of one study may train at different rates (a per-model optim entry)
+             "optimizer": run.config.optim.name, "lr": float(run.config.optim.lr),
              "layerwise": {"trained": trained, "random_init": initial},
              "segmentation": {"trained": seg_trained, "random_init": seg_initial}}
     return entry, {"trained": pred_t, "random_init": pred_r}

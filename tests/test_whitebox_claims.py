@@ -31,7 +31,9 @@ def _config(arg):
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("whitebox_claims")
-    final = study.run_study(_config("smoke"), str(workdir))
+    config = _config("smoke")
+    config.study.models.vit.optim.lr = 7e-4  # a per-model optimizer setting reaches its run
+    final = study.run_study(config, str(workdir))
     with open(workdir / "analysis" / study.JSON_NAME) as f:
         return workdir, final, json.load(f)
 
@@ -51,6 +53,7 @@ def test_smoke_study_json_is_complete_and_sane(smoke_study):
         depth = m["depth"]
         assert (m["width"], depth, m["image_size"]) == (32, 2, 32)
         assert _in_unit(m["accuracy"]["val/top1"]) and m["step"] == 3
+        assert m["lr"] == (7e-4 if name == "vit" else 1e-3) and m["optimizer"] == "adamw"
         for kind in ("trained", "random_init"):
             lw = m["layerwise"][kind]
             assert lw["num_batches"] == 2
@@ -122,6 +125,9 @@ def test_presets_build():
             assert (model.cfg.width, model.cfg.depth, model.cfg.patch_size) == (width, depth, 8)
             assert model.cfg.dtype == ("bfloat16" if arg == "gpu" else "float32")
             assert models.count_params(model) > 0
+            # ViT alone trains at its measured lr on the CPU preset; the others share 2e-3
+            want_lr = {None: {"vit": 5e-4}, "gpu": {}}[arg].get(name, config.optim.lr)
+            assert cfg.optim.lr == want_lr and config.optim.lr == (2e-3 if arg is None else 1e-3)
     with pytest.raises(ValueError, match="exclude"):
         _config("smoke,gpu")
 
