@@ -9,9 +9,11 @@ compiles an unpartitioned program, about a fifth less CPU per run than 8, and th
 CPU-bound on two cores."""
 
 import os
+import resource
 import shutil
 import tempfile
 
+import pytest
 from multiprocess_utils import FAST_COMPILE
 
 os.environ.setdefault("XLA_FLAGS", FAST_COMPILE)
@@ -57,3 +59,28 @@ def pytest_collection_modifyitems(config, items) -> None:
         raise ValueError(f"tests/conftest.py SLOW_MODULES names no module here: {missing}")
     rank = {name: i for i, name in enumerate(SLOW_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+# CRATE_JAX_TEST_CPU=FILE: each test's CPU seconds appended to FILE (benchmarks/suite_cpu.py
+# runs the suite so and sums them): the worker's own, and those of the subprocesses that ended
+# during the test (getrusage counts a child once it is waited for, with what it waited for).
+# A module fixture's runs count to the module's first test.
+CPU_LOG = os.environ.get("CRATE_JAX_TEST_CPU")
+
+
+def _cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not CPU_LOG:
+        yield
+        return
+    own, children = _cpu_seconds(resource.RUSAGE_SELF), _cpu_seconds(resource.RUSAGE_CHILDREN)
+    yield
+    own = _cpu_seconds(resource.RUSAGE_SELF) - own
+    children = _cpu_seconds(resource.RUSAGE_CHILDREN) - children
+    with open(CPU_LOG, "a") as f:  # one short line per write: the two workers do not mix
+        f.write(f"{item.nodeid}\t{own:.2f}\t{children:.2f}\n")

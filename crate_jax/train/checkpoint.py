@@ -68,6 +68,33 @@ def _stacked_into(per_layer: Any, abstract: Any) -> Any:
     return jax.jit(layer_stack.stack_layers, out_shardings=shardings)(per_layer)
 
 
+# orbax's replica-parallel save has each replica of a replicated array write one slice of it,
+# cut on the devices by an eager slice (a program of its own per shape). For a small array the
+# cutting costs more than the writing it shares out: 4 saves of 72 replicated float32 arrays of
+# 0.25-384 KiB on 8 CPU devices took 2.9 CPU-s with the slicing, 0.67 without. So arrays whose
+# slices would be under 1 MiB are written whole by one replica; larger ones are still split.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def use_replica_slices_over(min_bytes: int = MIN_REPLICA_SLICE_BYTES) -> None:
+    """Registers orbax's jax.Array handler (process-wide, as orbax registers handlers) so that
+    replica-parallel saving applies only to slices of at least `min_bytes`; other settings,
+    the array metadata store included, stay orbax's defaults."""
+    current = ocp.type_handlers.get_type_handler(jax.Array)
+    if getattr(current, "_min_slice_bytes_for_replica_parallel", None) == min_bytes:
+        return
+    handler = ocp.type_handlers.ArrayHandler(
+        array_metadata_store=getattr(current, "_array_metadata_store", None),
+        min_slice_bytes_for_replica_parallel=min_bytes)
+    absl_logger = logging.getLogger("absl")  # orbax warns of every override; this one is meant
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
 def _str_keys(tree: Any) -> Any:
     """The inverse of _int_keys: orbax names every saved key as a string."""
     if not isinstance(tree, dict):
@@ -94,6 +121,7 @@ class Checkpointer:
             # the temporary folders of a save cut off by a crash or a full disk (the trainer's
             # checkpointer, once its start has passed every check: this writes)
             cleanup_tmp_directories=remove_partial)
+        use_replica_slices_over(MIN_REPLICA_SLICE_BYTES)
         self.best_metric = best_metric
         self._saving = -1  # the step of the latest save started (named if it fails)
         self.manager = ocp.CheckpointManager(
