@@ -18,10 +18,13 @@ from multiprocess_utils import FAST_COMPILE
 
 os.environ.setdefault("XLA_FLAGS", FAST_COMPILE)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Made here, and removed by pytest_unconfigure below in this process only (the one whose pid
+# CRATE_JAX_TEST_CACHE_OWNER holds). The pytest-xdist workers, the runs tests start, and a
+# pytest a test starts (tests/test_suite_cpu.py) inherit the folder and use it, but never remove
+# it: a nested session that removed it would leave the rest of this one without a cache.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    # made here, so removed by pytest_unconfigure below (pytest-xdist workers inherit it)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="crate_jax_test_xla_cache_")
-    os.environ["CRATE_JAX_TEST_OWN_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    os.environ["CRATE_JAX_TEST_CACHE_OWNER"] = str(os.getpid())
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -31,10 +34,9 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 
 def pytest_unconfigure(config) -> None:
-    """The session's compilation cache goes when the session (not an xdist worker) ends."""
-    own = os.environ.get("CRATE_JAX_TEST_OWN_CACHE")
-    if own and not hasattr(config, "workerinput"):
-        shutil.rmtree(own, ignore_errors=True)
+    """The session's compilation cache goes when the session that made it ends."""
+    if os.environ.get("CRATE_JAX_TEST_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 # The modules that take longest (their training runs: 30 to 100 s each with two xdist workers
