@@ -43,14 +43,15 @@ def by_module(rows) -> list[tuple[str, float, float, int]]:
 
 
 def main(argv: list[str]) -> int:
-    log = os.path.join(tempfile.mkdtemp(prefix="suite_cpu_"), "cpu.tsv")
-    start, before = time.time(), os.times()
-    code = subprocess.call([sys.executable, "-m", "pytest", "-q", *argv], cwd=ROOT,
-                           env={**os.environ, "CRATE_JAX_TEST_CPU": log})
-    wall, after = time.time() - start, os.times()
+    with tempfile.TemporaryDirectory(prefix="suite_cpu_") as folder:
+        log = os.path.join(folder, "cpu.tsv")
+        start, before = time.time(), os.times()
+        code = subprocess.call([sys.executable, "-m", "pytest", "-q", *argv], cwd=ROOT,
+                               env={**os.environ, "CRATE_JAX_TEST_CPU": log})
+        wall, after = time.time() - start, os.times()
+        rows = read_log(log) if os.path.exists(log) else []
     total = (after.children_user + after.children_system
              - before.children_user - before.children_system)
-    rows = read_log(log) if os.path.exists(log) else []
     print(f"\nwall {wall:.0f} s; CPU {total:.0f} s in all (pytest and everything it started), "
           f"{total / wall:.2f} cores in use on average; {len(rows)} tests recorded")
     print(f"{'CPU-s':>7} {'own':>7} {'subproc':>7} {'tests':>5}  module")
