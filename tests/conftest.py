@@ -11,6 +11,7 @@ CPU-bound on two cores."""
 import os
 import resource
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -18,25 +19,41 @@ from multiprocess_utils import FAST_COMPILE
 
 os.environ.setdefault("XLA_FLAGS", FAST_COMPILE)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Made here, and removed by pytest_unconfigure below in this process only (the one whose pid
-# CRATE_JAX_TEST_CACHE_OWNER holds). The pytest-xdist workers, the runs tests start, and a
-# pytest a test starts (tests/test_suite_cpu.py) inherit the folder and use it, but never remove
-# it: a nested session that removed it would leave the rest of this one without a cache.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="crate_jax_test_xla_cache_")
-    os.environ["CRATE_JAX_TEST_CACHE_OWNER"] = str(os.getpid())
+# The session's temporary folders, made here and removed by pytest_unconfigure below by the
+# process that made them. The pytest-xdist workers, the runs tests start, and a pytest a test
+# starts (tests/test_suite_cpu.py) inherit them through the environment and use them, but never
+# remove them: a nested session that removed them would leave the rest of this one without.
+MADE: list[str] = []
+
+
+def _session_folder(variable: str, prefix: str) -> None:
+    if variable not in os.environ:
+        os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+        MADE.append(os.environ[variable])
+
+
+_session_folder("JAX_COMPILATION_CACHE_DIR", "crate_jax_test_xla_cache_")
+# Bytecode. Where PYTHONDONTWRITEBYTECODE is set (as on this project's CI and development
+# VMs), every process the suite starts would compile the package's sources anew: 0.4 CPU-s of
+# a trainer's 8, and the suite starts about a hundred. Its processes share one bytecode folder
+# instead, a temporary one, so that still nothing is written into the checkout.
+if os.environ.get("PYTHONDONTWRITEBYTECODE") and "PYTHONPYCACHEPREFIX" not in os.environ:
+    _session_folder("PYTHONPYCACHEPREFIX", "crate_jax_test_pycache_")
+    del os.environ["PYTHONDONTWRITEBYTECODE"]
+    sys.pycache_prefix, sys.dont_write_bytecode = os.environ["PYTHONPYCACHEPREFIX"], False
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import jax
+import jax  # noqa: E402  (only once the environment above is set)
 
 jax.config.update("jax_num_cpu_devices", 8)
 
 
 def pytest_unconfigure(config) -> None:
-    """The session's compilation cache goes when the session that made it ends."""
-    if os.environ.get("CRATE_JAX_TEST_CACHE_OWNER") == str(os.getpid()):
-        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    """The session's compilation cache and bytecode folder go when the session that made
+    them ends."""
+    for folder in MADE:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # The modules that take longest (their training runs: 30 to 100 s each with two xdist workers

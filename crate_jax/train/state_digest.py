@@ -10,7 +10,10 @@ fmix, murmur3's finalizer, is a bijection of uint32, so changing any one element
 the sum; several changes go unnoticed with probability ~2^-32; and the index term catches
 swapped elements. Integer sums are exact in any order, so the digest does not depend on how the
 array is split over devices or processes. It runs jitted on the devices holding the state
-(one sum, not two: compiling it for a model's ~100 arrays is the main cost).
+(one sum, not two: compiling it for a model's ~100 arrays is the main cost). Each array's sum is
+a jitted function of its own inside that program, so arrays of one shape and dtype (a stacked
+layer's weight and its two Adam moments) share one trace and one lowering: a smoke model's 95
+arrays have 17 shapes, and its first digest costs 0.3 CPU-s instead of 0.7.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
     return index
 
 
+@jax.jit
 def _leaf_digest(x: jax.Array) -> jax.Array:
     words = _words(jnp.asarray(x))
     return jnp.sum(_fmix(words ^ _fmix(_flat_index(words.shape))), dtype=jnp.uint32)
@@ -106,9 +110,14 @@ def state_digest(tree: Any) -> dict[str, int]:
     return digest
 
 
+@jax.jit
+def _leaf_finite(x: jax.Array) -> jax.Array:
+    return jnp.isfinite(x).all()
+
+
 @functools.lru_cache(maxsize=8)
 def _finite_fn(out_sharding: jax.sharding.Sharding | None):
-    return jax.jit(lambda leaves: jnp.stack([jnp.isfinite(x).all() for x in leaves]),
+    return jax.jit(lambda leaves: jnp.stack([_leaf_finite(x) for x in leaves]),
                    out_shardings=out_sharding)
 
 
