@@ -11,7 +11,6 @@ CPU-bound on two cores."""
 import os
 import resource
 import shutil
-import sys
 import tempfile
 
 import pytest
@@ -19,39 +18,24 @@ from multiprocess_utils import FAST_COMPILE
 
 os.environ.setdefault("XLA_FLAGS", FAST_COMPILE)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The session's temporary folders, made here and removed by pytest_unconfigure below by the
-# process that made them. The pytest-xdist workers, the runs tests start, and a pytest a test
-# starts (tests/test_suite_cpu.py) inherit them through the environment and use them, but never
-# remove them: a nested session that removed them would leave the rest of this one without.
+# The session's compilation cache: made here, and removed by pytest_unconfigure below by the
+# process that made it (MADE). The pytest-xdist workers, the runs tests start, and a pytest a
+# test starts (tests/test_suite_cpu.py) inherit it through the environment and use it, but
+# never remove it: a nested session that removed it would leave the rest of this one without.
 MADE: list[str] = []
-
-
-def _session_folder(variable: str, prefix: str) -> None:
-    if variable not in os.environ:
-        os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
-        MADE.append(os.environ[variable])
-
-
-_session_folder("JAX_COMPILATION_CACHE_DIR", "crate_jax_test_xla_cache_")
-# Bytecode. Where PYTHONDONTWRITEBYTECODE is set (as on this project's CI and development
-# VMs), every process the suite starts would compile the package's sources anew: 0.4 CPU-s of
-# a trainer's 8, and the suite starts about a hundred. Its processes share one bytecode folder
-# instead, a temporary one, so that still nothing is written into the checkout.
-if os.environ.get("PYTHONDONTWRITEBYTECODE") and "PYTHONPYCACHEPREFIX" not in os.environ:
-    _session_folder("PYTHONPYCACHEPREFIX", "crate_jax_test_pycache_")
-    del os.environ["PYTHONDONTWRITEBYTECODE"]
-    sys.pycache_prefix, sys.dont_write_bytecode = os.environ["PYTHONPYCACHEPREFIX"], False
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="crate_jax_test_xla_cache_")
+    MADE.append(os.environ["JAX_COMPILATION_CACHE_DIR"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import jax  # noqa: E402  (only once the environment above is set)
+import jax  # noqa: E402  (once the environment above is set)
 
 jax.config.update("jax_num_cpu_devices", 8)
 
 
 def pytest_unconfigure(config) -> None:
-    """The session's compilation cache and bytecode folder go when the session that made
-    them ends."""
+    """The session's compilation cache goes when the session that made it ends."""
     for folder in MADE:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -64,7 +48,7 @@ def pytest_unconfigure(config) -> None:
 SLOW_MODULES = (
     "test_multiprocess_tasks.py", "test_tost_runs.py", "test_gcs.py",
     "test_multiprocess_self_supervised.py", "test_multiprocess.py", "test_whitebox_claims.py",
-    "test_slurm.py", "test_self_supervised_runs.py", "test_train.py", "test_configs.py",
+    "test_slurm.py", "test_train.py", "test_configs.py",
     "test_plan.py", "test_tost_whitebox.py", "test_notebooks.py", "test_cluster_faults.py",
 )
 
