@@ -76,7 +76,10 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     logging.get_absl_handler().setLevel(std_logging.WARNING)
+    from crate_jax import gc_tuning
     from crate_jax.parallel import maybe_initialize_distributed
+
+    gc_tuning.for_tracing()
 
     maybe_initialize_distributed()
     try:

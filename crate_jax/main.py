@@ -85,10 +85,13 @@ def main(argv: list[str]) -> None:
     # Imported here so that `--help` answers before jax starts.
     import jax
 
+    from crate_jax import gc_tuning
     from crate_jax.parallel import maybe_initialize_distributed
     from crate_jax.train.checkpoint import CheckpointDamagedError
     from crate_jax.train.loop import train_and_evaluate
     from crate_jax.train.workdir import RunFailed
+
+    gc_tuning.for_tracing()  # the libraries are in: collect what tracing makes, less often
 
     _stop_if_signalled("at startup")
     if maybe_initialize_distributed():  # on the console: which process this log belongs to
@@ -117,6 +120,7 @@ def main(argv: list[str]) -> None:
     if final:
         print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(final.items())),
               flush=True)
+    gc_tuning.before_exit()
     # A SIGTERM arriving after this point finds a finished run: exit 0 rather than -15.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 

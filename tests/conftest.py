@@ -16,6 +16,8 @@ import tempfile
 import pytest
 from multiprocess_utils import FAST_COMPILE
 
+from crate_jax import gc_tuning
+
 os.environ.setdefault("XLA_FLAGS", FAST_COMPILE)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The session's compilation cache: made here, and removed by pytest_unconfigure below by the
@@ -32,6 +34,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402  (once the environment above is set)
 
 jax.config.update("jax_num_cpu_devices", 8)
+# The trainer's collector settings (crate_jax/gc_tuning.py) for the in-process tests too: most
+# of them trace and compile
+gc_tuning.for_tracing()
 
 
 def pytest_unconfigure(config) -> None:
@@ -48,7 +53,7 @@ def pytest_unconfigure(config) -> None:
 SLOW_MODULES = (
     "test_multiprocess_tasks.py", "test_tost_runs.py", "test_gcs.py",
     "test_multiprocess_self_supervised.py", "test_multiprocess.py", "test_whitebox_claims.py",
-    "test_slurm.py", "test_train.py", "test_configs.py",
+    "test_slurm.py", "test_self_supervised_runs.py", "test_train.py", "test_configs.py",
     "test_plan.py", "test_tost_whitebox.py", "test_notebooks.py", "test_cluster_faults.py",
 )
 

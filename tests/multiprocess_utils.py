@@ -1,6 +1,6 @@
 """Helpers for tests that run the trainer as 2 processes × 4 fake CPU devices joined by
 jax.distributed (launch/local/multiprocess.sh) next to a plain 1 process × 8 devices run of
-the same config, and compare what the two wrote."""
+the same command, and compare what the two wrote."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,51 +58,31 @@ def metrics(workdir) -> dict[int, dict]:
     return out
 
 
-def config_from_command(args: list[str]):
-    """The config that `python -m crate_jax.main ARGS` trains: --config=FILE[:ARG] and its
-    --config.key=value overrides parsed as main parses them (absl, ml_collections)."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    argv = ["crate_jax.main", *args]
-    values = flags.FlagValues()
-    # sys_argv: the overrides are read from this list, not from the process's sys.argv
-    config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
-                                    lock_config=True, sys_argv=argv)
-    with warnings.catch_warnings():  # ml_collections loads the file with load_module()
-        warnings.simplefilter("ignore", DeprecationWarning)
-        values(argv)
-        return values.config
-
-
 class Pair:
-    """One command run twice: 2 processes × 4 devices in BASE/NAME/two_processes, started at
-    once by launch/local/multiprocess.sh, and 1 process × 8 devices in BASE/NAME/one_process,
-    run by `wait` in this pytest process (conftest.py's 8 fake devices and XLA flags) through
-    train_and_evaluate, with the config main would parse from the same flags. The reference
-    in this process costs a third of a process of its own (8-9 CPU-s at smoke size): imports,
-    jax's tracing caches and its exit are shared with the session's other tests."""
+    """One command run twice at once: 2 processes × 4 devices in BASE/NAME/two_processes
+    and 1 process × 8 devices in BASE/NAME/one_process."""
 
     def __init__(self, base: Path, name: str, args: list[str], timeout: float = 400):
         self.dir = base / name
         self.multi, self.single = self.dir / "two_processes", self.dir / "one_process"
-        self.logdir, self.timeout, self.args = self.dir / "logs", timeout, list(args)
+        self.logdir, self.timeout = self.dir / "logs", timeout
         self.procs = [
             subprocess.Popen(
                 ["bash", SCRIPT, f"--processes={PROCESSES}", f"--devices={DEVICES}",
                  "--no-follow", f"--python={sys.executable}", f"--timeout={int(timeout) - 10}",
                  f"--logdir={self.logdir}", "--", *args, f"--workdir={self.multi}"],
                 cwd=ROOT, env=env(XLA_FLAGS=FAST_COMPILE), stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True)]
+                stderr=subprocess.STDOUT, text=True),
+            subprocess.Popen(
+                [sys.executable, "-m", "crate_jax.main", *args, f"--workdir={self.single}"],
+                cwd=ROOT, env=env(XLA_FLAGS=(f"--xla_force_host_platform_device_count="
+                                             f"{PROCESSES * DEVICES} {FAST_COMPILE}")),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
 
     def wait(self) -> Pair:
-        """The 1-process run here, then the 2-process run finished with exit 0, or an
-        AssertionError with its output (a failure of the 1-process run raises as it is)."""
-        from crate_jax.train.loop import train_and_evaluate
-
+        """Both runs finished with exit 0, or an AssertionError with their output."""
         outputs = []
         try:
-            train_and_evaluate(config_from_command(self.args), str(self.single))
             for proc in self.procs:
                 outputs.append(proc.communicate(timeout=self.timeout)[0])
         finally:

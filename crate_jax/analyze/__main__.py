@@ -115,4 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from crate_jax import gc_tuning
+
+    gc_tuning.for_tracing()
     sys.exit(main())

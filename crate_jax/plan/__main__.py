@@ -12,6 +12,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from crate_jax import gc_tuning
+
 # The package's public names, as it gathers them; the rest from their modules.
 from crate_jax.plan import (
     PlanError,
@@ -73,6 +75,7 @@ _TARGET = flags.DEFINE_enum(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    gc_tuning.for_tracing()
     try:
         run()
     except PlanError as e:
