@@ -3,17 +3,16 @@
 Tracing makes millions of short-lived container objects (jaxpr equations, tracers, pytrees),
 so the default thresholds (700, 10, 10) start a collection every few hundred of them, and each
 full collection walks everything the imports made (jax, flax, optax, orbax: over a million
-objects). At exit, jax's own clean-up (jax._src.api.clean_up, registered with atexit) runs
-gc.collect() four times over that heap again.
+objects).
 
 `for_tracing` moves what exists once the libraries are imported into the permanent generation
 (gc.freeze: never scanned, never freed; it lives as long as the process anyway) and raises the
-young generation's threshold; `before_exit` freezes what is left, so the collections at exit
-find nothing to scan. Cycles made later are still collected, less often.
+young generation's threshold. Cycles made later are still collected, less often.
 
 Measured (CPU time, perf stat, 4 runs each) on demo_mae.py:smoke, 1 process × 8 CPU devices,
-warm compilation cache, a 2-core AMD EPYC VM: 7.6 s with the defaults, 6.3 s with both. The GC
-had been 14 % of the process's CPU samples (perf record).
+warm compilation cache, a 2-core AMD EPYC VM: 7.6 s with the defaults, 6.3 s with this and a
+freeze before jax's exit clean-up (which crate_jax.main now skips). The collector had been 14 %
+of the process's CPU samples (perf record).
 """
 
 from __future__ import annotations
@@ -30,7 +29,3 @@ def for_tracing() -> None:
     gc.freeze()
     gc.set_threshold(*THRESHOLDS)
 
-
-def before_exit() -> None:
-    """Freeze what is left, so that jax's exit clean-up's gc.collect() calls scan nothing."""
-    gc.freeze()

@@ -37,9 +37,3 @@ def test_for_tracing_freezes_the_imports_and_raises_the_thresholds(restored_gc):
     gc.collect()
     assert ref() is None
 
-
-def test_before_exit_leaves_a_collection_nothing_to_scan(restored_gc):
-    gc.unfreeze()
-    scanned = len(gc.get_objects())
-    gc_tuning.before_exit()
-    assert scanned > 10_000 and len(gc.get_objects()) < 100
