@@ -60,9 +60,11 @@ def metrics(workdir) -> dict[int, dict]:
 
 class Pair:
     """One command run twice at once: 2 processes × 4 devices in BASE/NAME/two_processes
-    and 1 process × 8 devices in BASE/NAME/one_process."""
+    and 1 process × 8 devices in BASE/NAME/one_process (with reference=False, only the
+    first: a check of what the 2-process run itself does)."""
 
-    def __init__(self, base: Path, name: str, args: list[str], timeout: float = 400):
+    def __init__(self, base: Path, name: str, args: list[str], timeout: float = 400,
+                 reference: bool = True):
         self.dir = base / name
         self.multi, self.single = self.dir / "two_processes", self.dir / "one_process"
         self.logdir, self.timeout = self.dir / "logs", timeout
@@ -72,12 +74,13 @@ class Pair:
                  "--no-follow", f"--python={sys.executable}", f"--timeout={int(timeout) - 10}",
                  f"--logdir={self.logdir}", "--", *args, f"--workdir={self.multi}"],
                 cwd=ROOT, env=env(XLA_FLAGS=FAST_COMPILE), stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True),
-            subprocess.Popen(
+                stderr=subprocess.STDOUT, text=True)]
+        if reference:
+            self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "crate_jax.main", *args, f"--workdir={self.single}"],
                 cwd=ROOT, env=env(XLA_FLAGS=(f"--xla_force_host_platform_device_count="
                                              f"{PROCESSES * DEVICES} {FAST_COMPILE}")),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
 
     def wait(self) -> Pair:
         """Both runs finished with exit 0, or an AssertionError with their output."""

@@ -5,15 +5,18 @@ multiprocess.sh) against 1 process × 8 devices fed the same global batches, for
     its text tower and projection loaded by init_towers from another run (a donor written in
     this process), the projection frozen, the text tower trained on from the donor's values;
   * a finetune through init_from (from a classifier written in this process, to another
-    patch size: position table and stem resized, head re-initialised);
+    patch size: position table and stem resized, head re-initialised), on 2 processes only:
+    what is checked is what each process loads and adapts (the classification task's 2 × 4
+    against 1 × 8 equality is tests/test_multiprocess.py's, and finetune_params against the
+    host-side adaptation is checked in this process below);
   * the causal LM (configs/demo_lm.py: CRATE-α next to a GPT-2 baseline) and the masked LM
     (configs/crate_bert.py: CRATE-BERT), every logged metric; the neuron analysis
     (python -m crate_jax.analyze) of the masked LM's 2-process run.
 
 Classification with Mixup and CutMix on two processes is tests/test_multiprocess.py's run.
 Losses, gradient norms and every evaluation metric must agree (rtol 1e-5: only the reduction
-order of the collectives differs). The four pairs run two at a time, all with the suite's
-quick-compile XLA flags.
+order of the collectives differs). The four runs (three pairs and the finetune) go two at a
+time, all with the suite's quick-compile XLA flags.
 
 In-process checks on 8 fake devices: the compiled train step with Mixup/CutMix holds no
 all-gather of the images (each device mixes its own shard), each shard's mix equals `mix` on
@@ -101,7 +104,7 @@ def runs(tmp_path_factory):
         init_towers=[{"from": _donor(base), "keys": ["text", "text_proj"]}]), *QUIET])
     finetune = Pair(base, "finetune", [
         _wrapped(base, "finetune", CLASSIFICATION, init_from=_classifier(base)),
-        "--config.model.name=crate-alpha-ti/4", *QUIET])
+        "--config.model.name=crate-alpha-ti/4", *QUIET], reference=False)
     clip.wait(), finetune.wait()
     lm = Pair(base, "lm", [f"--config={LM}:smoke", *QUIET])
     mlm = Pair(base, "mlm", [f"--config={MLM}:smoke", *QUIET])
@@ -171,7 +174,8 @@ def test_towers_loaded_frozen_and_trained_on(runs):
 def test_finetune_through_init_from(runs):
     from crate_jax.train.loop import final_params
 
-    assert_runs_match(runs["finetune"], ("val/",))
+    final = metrics(runs["finetune"].multi)[4]
+    assert final["val/count"] > 0 and np.isfinite(final["train/loss"])
     for i in range(2):
         log = runs["finetune"].log(i)
         for note in ("posemb/embedding resized 2x2 -> 4x4", "stem/kernel resized 8x8 -> 4x4",
