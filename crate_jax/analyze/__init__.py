@@ -37,9 +37,9 @@ from crate_jax.analyze.loading import (
 )
 from crate_jax.analyze.measuring import run_model, run_summary, segment
 
-_COMMAND = ("main", "parse_args")  # the command line, in __main__.py
+_COMMAND = ("cli", "main", "parse_args")  # the command line, in __main__.py
 __all__ = [
-    "DATA_CHOICES", "Run", "analyze", "analyze_language", "build_model", "load_checkpoint",
+    "DATA_CHOICES", "Run", "analyze", "analyze_language", "build_model", "cli", "load_checkpoint",
     "load_images", "load_workdir", "main", "normalization_constants", "parse_args", "pca_rgb",
     "plot_attention", "plot_attention_rows", "plot_layerwise", "plot_pca", "plot_segmentation",
     "random_init", "run_model", "run_summary", "segment",
@@ -47,7 +47,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """`main` and `parse_args` (the console script crate-analyze = crate_jax.analyze:main)
+    """`cli`, `main` and `parse_args` (the console script crate-analyze = crate_jax.analyze:cli)
     come from __main__.py on first use, not at import: `python -m crate_jax.analyze` imports
     this package first and then runs __main__.py itself, and runpy warns (and the module would
     be loaded twice) if the package had imported it already."""

@@ -114,8 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command (`python -m crate_jax.analyze`, `crate-analyze`): the garbage collector set
+    for tracing (crate_jax/gc_tuning.py), then `main` on the process's arguments."""
     from crate_jax import gc_tuning
 
     gc_tuning.for_tracing()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
