@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from crate_jax.train.checkpoint import (
     MIN_REPLICA_SLICE_BYTES,
     Checkpointer,
-    use_replica_slices_over,
+    use_array_handler,
 )
 
 LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"  # one event per program lowered
@@ -45,7 +45,7 @@ def events():
 @pytest.fixture
 def default_handler():
     yield
-    use_replica_slices_over(MIN_REPLICA_SLICE_BYTES)  # a test that changed it leaves no trace
+    use_array_handler(MIN_REPLICA_SLICE_BYTES)  # a test that changed it leaves no trace
 
 
 def _lowered_by_save(tmp_path, name, array, events, min_slice_bytes=None) -> int:
@@ -55,7 +55,7 @@ def _lowered_by_save(tmp_path, name, array, events, min_slice_bytes=None) -> int
     `min_slice_bytes`: replaces the threshold the Checkpointer sets."""
     checkpointer = Checkpointer(tmp_path / name, async_save=False)
     if min_slice_bytes is not None:
-        use_replica_slices_over(min_slice_bytes)
+        use_array_handler(min_slice_bytes)
     state = {"step": jnp.int32(1), "params": {"a": array}}
     events.clear()
     checkpointer.save(1, state, _Position())
@@ -90,3 +90,30 @@ def test_large_replicated_arrays_are_still_split_over_replicas(tmp_path, events)
     # 8 MiB on each device: 8 slices of 1 MiB, one per replica
     large = _replicated((MIN_REPLICA_SLICE_BYTES // 4, 8), 0.25)
     assert _lowered_by_save(tmp_path, "large", large, events) > whole
+
+
+def test_no_sharding_file_and_the_restore_takes_any_mesh(tmp_path):
+    """No `_sharding` file is written (orbax reads it only for a restore without target
+    shardings; ours always name them), and a checkpoint saved FSDP-sharded on 8 devices
+    restores bit for bit onto 2 devices, replicated."""
+    mesh8 = jax.make_mesh((8,), ("fsdp",))
+    values = np.arange(16 * 6, dtype=np.float32).reshape(16, 6) / 7
+    state = {"step": jnp.int32(3), "params": {
+        "w": jax.device_put(values, NamedSharding(mesh8, PartitionSpec("fsdp"))),
+        "b": jax.device_put(values[0], NamedSharding(mesh8, PartitionSpec()))}}
+    checkpointer = Checkpointer(tmp_path / "ck", async_save=False)
+    checkpointer.save(3, state, _Position())
+    checkpointer.manager.wait_until_finished()
+    written = {p.name for p in (tmp_path / "ck" / "3").rglob("*")}
+    assert "manifest.ocdbt" in written and "_sharding" not in written, sorted(written)
+    assert ocp.type_handlers.get_type_handler(jax.Array)._enable_write_sharding_file is False
+
+    mesh2 = jax.make_mesh((2,), ("fsdp",), devices=jax.devices()[:2])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=NamedSharding(mesh2, PartitionSpec())), state)
+    restored = checkpointer.restore(3, target, _Position())
+    checkpointer.close()
+    assert restored["params"]["w"].sharding == NamedSharding(mesh2, PartitionSpec())
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), values)
+    np.testing.assert_array_equal(np.asarray(restored["params"]["b"]), values[0])
+    assert int(restored["step"]) == 3
