@@ -134,6 +134,48 @@ def test_zero_shot_classifier_equals_numpy_on_the_real_vocab():
     assert not (all_rows == vocab["[UNK]"]).any()
 
 
+TRACED_ROWS: list[int] = []
+
+
+class RowCountingBag(BagOfTokens):
+    """BagOfTokens that records in TRACED_ROWS the batch size of every program it is traced
+    into."""
+
+    def encode_text(self, tokens: jax.Array) -> jax.Array:
+        TRACED_ROWS.append(tokens.shape[0])
+        return super().encode_text(tokens)
+
+
+@pytest.mark.parametrize("classes, text_batch, traced", [
+    (3, 2048, [16]),  # 3 × 4 = 12 prompts: one batch of 16 rows (8 devices), not of 2,048
+    (5, 8, [8]),  # 20 prompts: batches of 8, the last one padded to 8
+    # 100 classes per call: 400 prompts in batches of 16, then 2 classes' 8 in one of 8
+    (102, 16, [16, 8]),
+])
+def test_prompt_batches_are_no_bigger_than_the_prompts(classes, text_batch, traced):
+    names = [f"thing {i}" for i in range(classes)]
+    templates = ["a {}.", "a photo of a {}.", "{} again", "the {}"]
+    tok = tokenizer_for({"tokenizer": "builtin:bert_base_uncased"})
+    evaluator = zeroshot.ZeroShotEvaluator(
+        "zeroshot", lambda: iter(()), names, lambda texts: tokenize(tok, texts, CONTEXT),
+        templates, lambda b: b["image"], text_batch=text_batch)
+    model = RowCountingBag(nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    mesh = parallel.make_mesh({"fsdp": -1})
+    TRACED_ROWS.clear()
+    with jax.set_mesh(mesh):
+        got = evaluator.class_embeddings(graphdef, nnx.to_pure_dict(params), rest, mesh)
+    assert TRACED_ROWS == traced
+
+    table = np.asarray(model.table[...], np.float64)
+    rows = tokenize(tok, [t.format(c) for c in names for t in templates], CONTEXT)
+    emb = np.einsum("btd,t->bd", table[rows], np.linspace(1.0, 3.0, CONTEXT))
+    emb = emb.reshape(classes, len(templates), -1)
+    emb = emb / (np.linalg.norm(emb, axis=-1, keepdims=True) + 1e-8)
+    want = emb.mean(1) / np.linalg.norm(emb.mean(1), axis=-1, keepdims=True)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
 @pytest.mark.parametrize("size_in, crop, interpolation, resized, box", [
     # eval_in1k.py: Resize(224) keeps the aspect, the long side truncated: 500·224/375 = 298.7
     ((500, 375), 1.0, "bilinear", (298, 224), (37, 0)),

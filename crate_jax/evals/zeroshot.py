@@ -106,10 +106,14 @@ class ZeroShotEvaluator(Evaluator):
                          "logits": f"{LOGIT_SCALE:g}·cos", "metrics": "top-1, top-5"}
 
     def _encoder(self, graphdef, params, rest, mesh) -> Callable[[list[str]], np.ndarray]:
-        size = -(-self.text_batch // mesh.size) * mesh.size
+        full = -(-self.text_batch // mesh.size) * mesh.size
 
         def encode(prompts: list[str]) -> np.ndarray:
             tokens = self.tokenize(prompts)
+            # fewer prompts than a full batch: one batch just big enough (a multiple of the
+            # device count), not a full one that is mostly padding (64 classes × 12 templates
+            # ran 2,048 rows for 768 prompts); at most two batch shapes are compiled either way
+            size = min(full, -(-len(tokens) // mesh.size) * mesh.size)
 
             def batches():
                 for i in range(0, len(tokens), size):
