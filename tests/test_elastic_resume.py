@@ -197,3 +197,48 @@ def test_webdataset_states_of_other_shards_are_refused(shards):
     new = _wds(shards, 0, 1, 0)
     with pytest.raises(ValueError, match="num_shards"):
         new.set_states([old.get_state(), _wds(shards[:6], 1, 2, 0).get_state()])
+
+
+@pytest.mark.parametrize("config", ["demo.py", "demo_classification.py", "demo_mae.py",
+                                    "demo_simdino.py", "demo_lm.py", "crate_bert.py",
+                                    "demo_tost.py"])
+def test_every_tasks_train_data_is_a_data_iterator(config):
+    """Task.train_data's contract (pipeline.DataIterator): batches of NumPy arrays, and a
+    position that survives a get_state / set_state round trip."""
+    from crate_jax import tasks
+    from crate_jax.config_check import load_config
+
+    c = load_config(os.path.join(ROOT, "configs", config) + ":smoke")
+    data = tasks.get(c.trainer)(c).train_data(4, seed=0)
+    assert isinstance(data, pipeline.DataIterator), type(data)
+    first = next(iter(data))
+    assert first and all(isinstance(v, np.ndarray) for v in first.values()), first.keys()
+    position = data.get_state()
+    second = next(data)
+    data.set_state(json.loads(json.dumps(position)))  # as the checkpoint stores it
+    again = next(data)
+    for key in second:
+        np.testing.assert_array_equal(again[key], second[key])
+
+
+def test_the_data_protocols_name_what_they_need():
+    from crate_jax.convert.runs import NoDataPosition
+    from crate_jax.data.wds.batches import OrderedBatches
+    from crate_jax.data.wds.processes import ProcessBatches
+
+    for reader in (WebDatasetReader, OrderedBatches, ProcessBatches, pipeline.TrainIterator):
+        assert issubclass(reader, pipeline.DataIterator), reader
+    assert isinstance(NoDataPosition(), pipeline.DataPosition)
+    assert not isinstance(NoDataPosition(), pipeline.DataIterator)  # a position, no batches
+
+    class NoResume:
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return {}
+
+        def get_state(self):
+            return {}
+
+    assert not isinstance(NoResume(), pipeline.DataIterator)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import grain
 import jax
@@ -28,6 +28,26 @@ import numpy as np
 class Source(Protocol):
     def __len__(self) -> int: ...
     def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class DataPosition(Protocol):
+    """What a checkpoint keeps of a data iterator (crate_jax/train/data_state.py): its
+    position as a JSON-able dict. An iterator that also has `set_states(states)`, one state
+    per process of the saving run, resumes with another process count."""
+
+    def get_state(self) -> dict[str, Any]: ...
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class DataIterator(DataPosition, Protocol):
+    """A task's training data (Task.train_data): this process's endless stream of host
+    batches, dicts of NumPy arrays, with a position the checkpoint keeps. TrainIterator here,
+    and the webdataset readers (crate_jax/data/wds), are ones."""
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
+    def __next__(self) -> dict[str, np.ndarray]: ...
 
 
 TrainTransform = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]

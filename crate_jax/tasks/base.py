@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from crate_jax.data.pipeline import DataIterator
 from crate_jax.evals.base import Evaluator
 
 __all__ = ["Evaluator", "Task"]
@@ -27,7 +28,7 @@ class Task(abc.ABC):
         """A freshly initialised model (called under jit and nnx.eval_shape)."""
 
     @abc.abstractmethod
-    def train_data(self, batch_size: int, seed: int) -> Any:
+    def train_data(self, batch_size: int, seed: int) -> DataIterator:
         """An endless iterator of this process's host batches (dicts of NumPy arrays) with
         get_state() / set_state() for checkpointing."""
 

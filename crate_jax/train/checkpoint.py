@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -41,6 +41,9 @@ from crate_jax.train.checkpoint_faults import (
 from crate_jax.train.data_state import DataStateHandler, DataStateRestore, DataStateSave
 from crate_jax.train.state_digest import compare_digests, first_non_finite, state_digest
 from crate_jax.train.workdir import RunFailed, remove_partial_saves
+
+if TYPE_CHECKING:  # the converters read checkpoints without the input pipeline's imports
+    from crate_jax.data.pipeline import DataPosition
 
 __all__ = [
     "CheckpointDamagedError",
@@ -141,7 +144,7 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any,
+    def save(self, step: int, state: Any, data_iterator: DataPosition,
              metrics: dict[str, float] | None = None) -> None:
         """Start an (asynchronous) save; the arrays are copied before this returns, so the
         caller may donate them to the next step right away. A checksum of every array
@@ -160,7 +163,7 @@ class Checkpointer:
             digest=ocp.args.JsonSave(state_digest(state))),
             metrics=metrics, force=True)
 
-    def save_or_fail(self, step: int, state: Any, data_iterator: Any,
+    def save_or_fail(self, step: int, state: Any, data_iterator: DataPosition,
                      metrics: dict[str, float] | None = None) -> int:
         """save(), with a failure (a full disk: ENOSPC, here or from the previous
         asynchronous save) turned into RunFailed by `_failed`. Returns `step`."""
@@ -188,7 +191,8 @@ class Checkpointer:
             f"({fault_line(directory, error)}); {last}. Free space (or fix the cause) and "
             "rerun the same command to resume.") from error
 
-    def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
+    def restore(self, step: int, abstract_state: Any,
+                data_iterator: DataPosition | None) -> Any:
         """Restore step `step` into the shardings of `abstract_state` (a tree of
         jax.ShapeDtypeStruct with .sharding) and check it against the checksum saved with it;
         then the data iterator is repositioned in place. If anything fails, the iterator is
@@ -225,7 +229,7 @@ class Checkpointer:
         return state
 
     def restore_latest(self, abstract_state: Any,
-                       data_iterator: Any | None) -> tuple[int | None, Any]:
+                       data_iterator: DataPosition | None) -> tuple[int | None, Any]:
         """(step, state) of the newest checkpoint that restores and passes its checksum, or
         (None, None) when there is no checkpoint. An unreadable newer checkpoint is logged
         (which step directory, what is wrong) and moved to checkpoints/damaged/, never

@@ -9,13 +9,16 @@ import dataclasses
 import json
 import logging
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
 from crate_jax.parallel.mesh import process_files_suffix
+
+if TYPE_CHECKING:
+    from crate_jax.data.pipeline import DataPosition
 
 _STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
@@ -76,10 +79,10 @@ class DataStateHandler(ocp.CheckpointHandler):
 @ocp.args.register_with_handler(DataStateHandler, for_save=True)
 @dataclasses.dataclass
 class DataStateSave(ocp.args.CheckpointArgs):
-    iterator: Any
+    iterator: DataPosition
 
 
 @ocp.args.register_with_handler(DataStateHandler, for_restore=True)
 @dataclasses.dataclass
 class DataStateRestore(ocp.args.CheckpointArgs):
-    iterator: Any
+    iterator: DataPosition
