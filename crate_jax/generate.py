@@ -62,6 +62,9 @@ def load_language_run(workdir: str, *, causal: bool = True) -> LanguageRun:
     from crate_jax.tasks.language import CausalLMTask, MaskedLMTask
     from crate_jax.train.loop import final_params
 
+    if "://" in workdir:  # the reads below are local (os.path); say so, not "does not exist"
+        raise ValueError(f"--workdir={workdir}: text generation reads a local workdir only; "
+                         "copy the run to a local folder first")
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir: {workdir} does not exist")
     path = os.path.join(workdir, "config.json")

@@ -47,7 +47,7 @@ def test_generation_matches_the_cached_decoder(run_dir):
     assert tok.eos_id not in ids
 
 
-@pytest.mark.parametrize("case", ["missing", "not_lm", "too_long", "no_checkpoint"])
+@pytest.mark.parametrize("case", ["missing", "not_lm", "too_long", "no_checkpoint", "bucket"])
 def test_generate_cli_errors_exit_2(case, run_dir, tmp_path, capsys):
     workdir = str(tmp_path / "nope")
     extra = []
@@ -61,10 +61,13 @@ def test_generate_cli_errors_exit_2(case, run_dir, tmp_path, capsys):
             json.dump(config, f)
     elif case == "too_long":
         workdir, extra = run_dir, ["--max-new-tokens", "500"]
+    elif case == "bucket":
+        workdir = "gs://some-bucket/lm_run"
     assert generate.main(["--workdir", workdir, "--prompt", "x", *extra]) == 2
     err = capsys.readouterr().err
     expected = {"missing": "does not exist", "not_lm": "'classification' run",
-                "too_long": "--max-new-tokens=500", "no_checkpoint": "no checkpoint"}[case]
+                "too_long": "--max-new-tokens=500", "no_checkpoint": "no checkpoint",
+                "bucket": "reads a local workdir only"}[case]
     assert expected in err and err.count("\n") == 1
 
 
