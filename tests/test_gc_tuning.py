@@ -21,7 +21,7 @@ def restored_gc():
 
 
 class _Node:
-    pass
+    """An object that can refer to itself (a cycle only the collector frees)."""
 
 
 def test_for_tracing_freezes_the_imports_and_raises_the_thresholds(restored_gc):

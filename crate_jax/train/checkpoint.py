@@ -79,25 +79,25 @@ def _stacked_into(per_layer: Any, abstract: Any) -> Any:
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
-def use_array_handler(min_slice_bytes: int = MIN_REPLICA_SLICE_BYTES) -> None:
-    """Registers orbax's jax.Array handler (process-wide, as orbax registers handlers) so that
-    replica-parallel saving applies only to slices of at least `min_slice_bytes`, and no
-    sharding file is written; other settings, the array metadata store included, stay orbax's
-    defaults.
+def use_array_handler(min_slice_bytes: int = MIN_REPLICA_SLICE_BYTES,
+                      sharding_file: bool = False) -> None:
+    """Registers orbax's jax.Array handler (process-wide, as orbax registers handlers):
+    replica-parallel saving only for slices of at least `min_slice_bytes`, no sharding file
+    unless `sharding_file` (orbax's default, for benchmarks), and orbax's other defaults.
 
-    The sharding file records the mesh each array was saved from. Orbax reads it only for a
-    restore that names no target sharding; every restore here names one (a run resumes onto
-    any mesh, a converter reads onto one device), and a saved mesh would be wrong on another
-    topology anyway. Writing it took 0.2 of the 0.54 CPU-s of a save of a 188-array ToST
-    smoke state on 8 CPU devices (one tensorstore open per array)."""
+    The sharding file (each array's saving mesh) is read only by a restore that names no
+    target sharding; every restore here names one (a run resumes onto any mesh, a converter
+    reads onto one device). Writing it cost a fifth of a save's CPU: 0.53 against 0.42
+    CPU-s, ToST smoke state, 8 CPU devices (benchmarks/checkpoint_save_cpu.py)."""
     current = ocp.type_handlers.get_type_handler(jax.Array)
-    if (getattr(current, "_min_slice_bytes_for_replica_parallel", None) == min_slice_bytes
-            and getattr(current, "_enable_write_sharding_file", True) is False):
+    now = [getattr(current, f"_{k}", None) for k in ("min_slice_bytes_for_replica_parallel",
+                                                     "enable_write_sharding_file")]
+    if now == [min_slice_bytes, sharding_file]:
         return
     handler = ocp.type_handlers.ArrayHandler(
         array_metadata_store=getattr(current, "_array_metadata_store", None),
         min_slice_bytes_for_replica_parallel=min_slice_bytes,
-        enable_write_sharding_file=False)
+        enable_write_sharding_file=sharding_file)
     absl_logger = logging.getLogger("absl")  # orbax warns of every override; this one is meant
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
